@@ -1,0 +1,21 @@
+"""Errors a user can cause, each naming the input and what is wrong with it.
+
+Everything raised for bad user input derives from `InputError`, so the CLI, the chat loop and the
+server can report it (400 in HTTP) and carry on, while real bugs still surface as other exceptions.
+"""
+
+
+class InputError(ValueError):
+    """A request input (file, media bytes, parameter, prompt) is unusable."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class MediaError(InputError):
+    """A media input is missing, unreadable, corrupt or of an unsupported format."""
+
+
+class ContextLengthError(InputError):
+    """The prompt (plus requested output) does not fit the model's context."""
