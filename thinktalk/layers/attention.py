@@ -1,0 +1,110 @@
+"""Causal self-attention shared by the thinker, the talker and the code predictor.
+
+Tokens of a batch are packed along one axis ([N, hidden], no padding). Where the keys and values
+live is the business of an `AttentionBackend` passed in by the caller: the reference
+`ContiguousKV` below keeps one growing tensor per sequence and layer; the engine's paged KV cache
+implements the same `attend` method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rotary import apply_rotary
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] for the new tokens of every sequence -> [N, Hq, D]."""
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rms_norm_eps: float = 1e-6,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: AttentionBackend) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = kv.attend(self.layer, q, k, v, self.scale)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q [Lq, Hq, D] are the last Lq positions of k/v [Lk, Hkv, D]. Returns [Lq, Hq, D]."""
+    lq, lk = q.shape[0], k.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)[None]
+    kh = k.transpose(0, 1).repeat_interleave(groups, dim=0)[None]
+    vh = v.transpose(0, 1).repeat_interleave(groups, dim=0)[None]
+    if lq == 1:
+        mask = None
+    else:
+        # query i sits at absolute position lk - lq + i and sees keys up to there
+        rows = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        mask = torch.arange(lk, device=q.device)[None, :] <= rows
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+@dataclass
+class SequenceKV:
+    """Keys and values of one sequence, one [L, Hkv, D] tensor per layer (reference path)."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[0] if self.keys else 0
+
+    def truncate(self, length: int) -> None:
+        for store in (self.keys, self.values):
+            for layer in store:
+                store[layer] = store[layer][:length]
+
+
+class ContiguousKV:
+    """Reference attention backend: a batch of sequences, each with its own growing SequenceKV."""
+
+    def __init__(self, caches: list[SequenceKV], new_lens: list[int]):
+        self.caches, self.new_lens = caches, new_lens
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        outs, start = [], 0
+        for cache, n in zip(self.caches, self.new_lens):
+            end = start + n
+            if layer in cache.keys:
+                cache.keys[layer] = torch.cat([cache.keys[layer], k[start:end]])
+                cache.values[layer] = torch.cat([cache.values[layer], v[start:end]])
+            else:
+                cache.keys[layer], cache.values[layer] = k[start:end], v[start:end]
+            outs.append(causal_attention(q[start:end], cache.keys[layer], cache.values[layer], scale))
+            start = end
+        return torch.cat(outs)
