@@ -1,0 +1,237 @@
+"""The Python API: load a checkpoint, give it messages, get text (and speech) back.
+
+    from thinktalk import Omni
+    omni = Omni.load("/models/Qwen3-Omni-30B-A3B-Instruct")       # or Omni.load() for the demo
+    out = omni.generate([{"role": "user", "content": [
+        {"type": "image", "image": "cat.jpg"}, {"type": "text", "text": "What is this?"}]}],
+        speaker="Ethan")
+    out.text, out.audio  # str, float32 waveform at out.sample_rate (24 kHz) or None
+
+Messages use the Hugging Face recipe's content parts: text, image, audio and video, each given
+as a path, bytes or (audio) an array.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import OmniConfig
+from .engine import Engine, EngineConfig
+from .errors import InputError
+from .models.thinker import MultimodalInputs
+from .request import Request, SamplingParams, sampling_from
+from .weights.tiny import demo_model_path, is_tiny_random
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_NOTICE = "demo model: tiny random weights, its text and speech are meaningless"
+MM_KEYS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    reasoning: str | None = None  # the Thinking model's <think> part, apart from the answer
+    audio: np.ndarray | None = None  # float32 mono
+    sample_rate: int = 24000
+    codes: torch.Tensor | None = None  # codec codes the audio was made from
+    prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    logprobs: list[dict] | None = None
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split a Thinking-model answer into (reasoning, content) at </think>."""
+    if "</think>" not in text:
+        return None, text
+    reasoning, content = text.split("</think>", 1)
+    return reasoning.replace("<think>", "", 1).strip("\n"), content.lstrip("\n")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Omni:
+    def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None):
+        from .multimodal.processor import OmniProcessor  # noqa: F401  (type of `processor`)
+
+        self.model = model
+        self.cfg: OmniConfig = model.cfg
+        self.processor = processor
+        self.path = path
+        self.random_weights = is_tiny_random(self.cfg)
+        talker_cfg = self.cfg.get("talker_config")
+        capture = talker_cfg.accept_hidden_layer if model.has_talker else None
+        eos = [self.cfg.get("im_end_token_id", 151645)]
+        self.tokenizer_eos = eos
+        self.engine = Engine(model, eos, engine_config, capture_layer=capture)
+        self.device = next(model.parameters()).device
+        if self.random_weights:
+            log.warning("%s (%s)", RANDOM_WEIGHTS_NOTICE, path)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        talker: bool = True,
+        engine_config: EngineConfig | None = None,
+        progress: bool = True,
+    ) -> "Omni":
+        """Load a checkpoint folder; without one, the demo model (made on first use)."""
+        from .multimodal.processor import OmniProcessor
+        from .weights.loader import load_model
+
+        path = Path(model) if model is not None else demo_model_path()
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        net = load_model(path, device=device, dtype=dtype, with_talker=talker, progress=progress)
+        return cls(net, OmniProcessor.from_pretrained(path), path, engine_config)
+
+    @property
+    def can_speak(self) -> bool:
+        return self.model.has_talker
+
+    @property
+    def voices(self) -> list[str]:
+        if not self.can_speak:
+            return []
+        return [name.capitalize() for name in self.cfg.talker_config.speaker_id]
+
+    # -- requests -----------------------------------------------------------------------------
+    def make_request(
+        self,
+        messages: list[dict[str, Any]],
+        sampling: SamplingParams,
+        *,
+        speaker: str | None = None,
+        use_audio_in_video: bool = False,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+    ) -> Request:
+        """Render, tokenize and load the media of one conversation into an engine request."""
+        from .multimodal.mrope import get_rope_index
+
+        if speaker is not None:
+            speaker = self.check_speaker(speaker)
+        inputs = self.processor.prepare_messages(
+            messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools
+        )
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+        audio_lens = inputs["feature_attention_mask"].sum(1) if inputs.get("feature_attention_mask") is not None else None
+        positions, delta = get_rope_index(
+            input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask, use_audio_in_video,
+            audio_lens, inputs.get("video_second_per_grid"), config=self.cfg.thinker_config,
+        )
+        mm = MultimodalInputs(**{k: _to(inputs.get(k), self.device) for k in MM_KEYS})
+        has_mm = any(getattr(mm, k) is not None for k in MM_KEYS)
+        req = Request(
+            prompt_ids=input_ids[0].tolist(),
+            positions=positions[:, 0],
+            rope_delta=int(delta.flatten()[0]),
+            sampling=sampling,
+            mm=mm if has_mm else None,
+            speaker=speaker,
+        )
+        req.mm_inputs = inputs  # kept for the talker (grids, audio lengths)
+        return req
+
+    def check_speaker(self, speaker: str) -> str:
+        if not self.can_speak:
+            raise InputError("this model has no talker: speech output is not available", param="speaker")
+        if speaker.lower() not in self.cfg.talker_config.speaker_id:
+            raise InputError(f"unknown voice {speaker!r}; choose one of {', '.join(self.voices)}", param="voice")
+        return speaker
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        *,
+        speaker: str | None = None,
+        preset: str | None = None,
+        use_audio_in_video: bool = False,
+        enable_thinking: bool | None = None,
+        **sampling: Any,
+    ) -> Result | list[Result]:
+        """One conversation -> Result; a list of conversations -> list of Results (batched)."""
+        batch = bool(messages) and isinstance(messages[0], list)
+        conversations = messages if batch else [messages]
+        sp = sampling_from(preset, **sampling)
+        reqs = [
+            self.make_request(conv, SamplingParams(**vars(sp)), speaker=speaker,
+                              use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking)
+            for conv in conversations
+        ]
+        for req in reqs:
+            self.engine.add_request(req)
+        while any(r.finish_reason is None for r in reqs):
+            self.engine.step()
+        results = [self.finish(r) for r in reqs]
+        return results if batch else results[0]
+
+    def stream(self, req: Request) -> Iterator[int]:
+        """Drive the engine until `req` finishes, yielding its new tokens (other requests advance too)."""
+        self.engine.add_request(req)
+        sent = 0
+        while req.finish_reason is None:
+            self.engine.step()
+            while sent < len(req.output_ids):
+                yield req.output_ids[sent]
+                sent += 1
+
+    def finish(self, req: Request) -> Result:
+        ids = [t for t in req.output_ids if t not in self.engine.eos_token_ids]
+        text = self.processor.decode(ids, skip_special_tokens=True)
+        reasoning, content = split_reasoning(text)
+        result = Result(
+            text=content, reasoning=reasoning, token_ids=list(req.output_ids), finish_reason=req.finish_reason,
+            prompt_tokens=len(req.prompt_ids), prompt_tokens_by_modality=self.count_modalities(req.prompt_ids),
+            logprobs=req.output_logprobs or None,
+        )
+        if req.speaker is not None and req.capture is not None:
+            result.codes, result.audio = self.speak(req)
+        return result
+
+    def count_modalities(self, ids: list[int]) -> dict[str, int]:
+        t = self.cfg.thinker_config
+        counts = {"image": 0, "audio": 0, "video": 0}
+        for token in ids:
+            if token == t.image_token_id:
+                counts["image"] += 1
+            elif token == t.audio_token_id:
+                counts["audio"] += 1
+            elif token == t.video_token_id:
+                counts["video"] += 1
+        counts["text"] = len(ids) - sum(counts.values())
+        return counts
+
+    # -- speech -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def speak(self, req: Request) -> tuple[torch.Tensor, np.ndarray]:
+        """Talker + code predictor over the finished answer, then code2wav (reference path)."""
+        from .speech import generate_codes
+
+        layer = self.cfg.talker_config.accept_hidden_layer
+        embeds = torch.cat(req.capture[0])
+        hidden = torch.cat(req.capture[layer])
+        ids = torch.tensor(req.prompt_ids + req.output_ids[: embeds.shape[0] - len(req.prompt_ids)], device=self.device)
+        codes = generate_codes(self.model.talker, embeds, hidden, ids, req.speaker, self.cfg)
+        wav = self.model.code2wav.chunked_decode(codes[None])
+        return codes, wav.flatten().float().cpu().numpy()
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
