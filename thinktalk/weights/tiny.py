@@ -25,9 +25,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 SHARD_BYTES = 8 * 1024 * 1024
 
 
-def _random_like(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+def _random_like(name: str, shape: tuple[int, ...], gen: torch.Generator, device="cpu") -> torch.Tensor:
     """Random values with sensible scales, so activations neither vanish nor explode."""
-    noise = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen, device=device)
     leaf = name.rsplit(".", 2)[-2] if "." in name else name
     if len(shape) == 1:
         if "norm" in leaf or "ln" in leaf.split("_") or leaf.startswith("ln"):
@@ -43,6 +43,17 @@ def _random_like(name: str, shape: tuple[int, ...], gen: torch.Generator) -> tor
     return noise / fan_in**0.5
 
 
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter and persistent buffer with seeded random values, in place, on its device."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor.copy_(_random_like(name, tuple(tensor.shape), gen, device))
+    return model
+
+
 def make_tiny(out: str | Path, variant: str = "instruct", seed: int = 0) -> Path:
     """Write a tiny random checkpoint of `variant` to `out` (created; must be empty or absent)."""
     from .loader import build_model
@@ -52,12 +63,10 @@ def make_tiny(out: str | Path, variant: str = "instruct", seed: int = 0) -> Path
         raise FileExistsError(f"{out}: folder exists and is not empty")
     cfg_dict = tiny_config_dict(variant)
     cfg = config_from_dict(cfg_dict)
-    model = build_model(cfg, "cpu", torch.float32)
-    gen = torch.Generator().manual_seed(seed)
+    model = randomize_(build_model(cfg, "cpu", torch.float32), seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in model.state_dict().items():
-        value = _random_like(name, tuple(param.shape), gen)
-        for ckpt_name, target in to_checkpoint(name, tuple(param.shape)):
+    for name, value in model.state_dict().items():
+        for ckpt_name, target in to_checkpoint(name, tuple(value.shape)):
             tensors[ckpt_name] = target.view(value).to(torch.bfloat16).contiguous()
     out.mkdir(parents=True, exist_ok=True)
     _write_shards(tensors, out)

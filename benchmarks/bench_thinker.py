@@ -1,0 +1,172 @@
+"""Thinker benchmark: thinktalk beside transformers' generate, full-size random weights, one GPU.
+
+    python benchmarks/bench_thinker.py --out benchmarks/results/thinker_h200.json [--skip-transformers]
+
+Figures (forced output lengths, eos ignored):
+  ttft_512 / ttft_4096      time to first token for a text prompt of that many tokens
+  decode_1                  ms/token and tok/s for one stream
+  decode_aggregate[c]       aggregate decode tok/s with c concurrent sequences (512 in, 256 out)
+  image_ttft                one 1280x720 image + 50-token question
+  video_60s / video_120s    prefill time and peak GPU memory, 2 fps frames + their audio
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from thinktalk.config import reference_config  # noqa: E402
+from thinktalk.engine import Engine, EngineConfig  # noqa: E402
+from thinktalk.request import Request, SamplingParams  # noqa: E402
+from thinktalk.weights.loader import build_model  # noqa: E402
+from thinktalk.weights.tiny import randomize_  # noqa: E402
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def text_request(n_prompt: int, n_out: int, seed: int = 0) -> Request:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 100000, (n_prompt,), generator=g).tolist()
+    pos = torch.arange(n_prompt)[None].expand(3, -1).clone()
+    sp = SamplingParams(temperature=0.0, max_new_tokens=n_out)
+    return Request(prompt_ids=ids, positions=pos, rope_delta=0, sampling=sp)
+
+
+def run_engine(engine: Engine, reqs: list[Request]) -> dict:
+    """Time to first token of the first request, and decode throughput once all are running."""
+    for r in reqs:
+        engine.add_request(r)
+    sync()
+    t0 = time.perf_counter()
+    first = None
+    decode_start = None
+    decode_tokens = 0
+    while engine.has_work():
+        outs = engine.step()
+        if first is None and reqs[0].output_ids:
+            sync()
+            first = time.perf_counter() - t0
+        if decode_start is None and all(r.output_ids for r in reqs):
+            sync()
+            decode_start = time.perf_counter()
+        elif decode_start is not None:
+            decode_tokens += len(outs)
+    sync()
+    total = time.perf_counter() - t0
+    decode_time = time.perf_counter() - decode_start if decode_start else float("nan")
+    return dict(ttft_s=first, total_s=total, decode_tokens=decode_tokens, decode_s=decode_time,
+                decode_tok_s=decode_tokens / decode_time if decode_tokens else None)
+
+
+def bench_thinktalk(args) -> dict:
+    cfg = reference_config()
+    t = time.perf_counter()
+    model = build_model(cfg, "cuda", torch.bfloat16, with_talker=False)
+    randomize_(model, 0)
+    sync()
+    res = {"build_s": time.perf_counter() - t, "weights_gib": torch.cuda.memory_allocated() / 2**30}
+    econf = EngineConfig(**json.loads(args.engine_config))
+    engine = Engine(model, eos_token_ids=[], config=econf)
+    run_engine(engine, [text_request(64, 8)])  # warm-up (kernels, graphs)
+    for n in (512, 4096):
+        r = run_engine(engine, [text_request(n, 1, seed=n)])
+        res[f"ttft_{n}_ms"] = r["ttft_s"] * 1000
+    r = run_engine(engine, [text_request(128, args.decode_len)])
+    res["decode_1"] = {"ms_per_token": 1000 / r["decode_tok_s"], "tok_s": r["decode_tok_s"]}
+    res["decode_aggregate"] = {}
+    for c in args.concurrency:
+        r = run_engine(engine, [text_request(512, 256, seed=i) for i in range(c)])
+        res["decode_aggregate"][str(c)] = {"tok_s": r["decode_tok_s"], "total_s": r["total_s"]}
+        print(json.dumps({c: res["decode_aggregate"][str(c)]}), flush=True)
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_transformers(args) -> dict:
+    from transformers import Qwen3OmniMoeConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    cfg = Qwen3OmniMoeConfig(**json.loads(Path(reference_config_path()).read_text())).thinker_config
+    t = time.perf_counter()
+    with torch.device("cuda"):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16).eval()
+    sync()
+    res = {"build_s": time.perf_counter() - t}
+
+    def gen(n_prompt, n_out, batch=1):
+        ids = torch.randint(1000, 100000, (batch, n_prompt), device="cuda")
+        sync()
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
+                       min_new_tokens=n_out, do_sample=False)
+        sync()
+        return time.perf_counter() - t0
+
+    gen(64, 4)
+    for n in (512, 4096):
+        res[f"ttft_{n}_ms"] = gen(n, 1) * 1000
+    t1, t2 = gen(128, 1), gen(128, 1 + args.hf_decode_len)
+    res["decode_1"] = {"ms_per_token": (t2 - t1) / args.hf_decode_len * 1000, "tok_s": args.hf_decode_len / (t2 - t1)}
+    res["decode_aggregate"] = {}
+    for c in args.hf_concurrency:
+        t1, t2 = gen(512, 1, c), gen(512, 1 + args.hf_decode_len, c)
+        res["decode_aggregate"][str(c)] = {"tok_s": c * args.hf_decode_len / (t2 - t1)}
+        print(json.dumps({"hf": c, **res["decode_aggregate"][str(c)]}), flush=True)
+    return res
+
+
+def reference_config_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "thinktalk" / "assets" / "qwen3_omni" / "config_instruct.json"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--engine-config", default="{}", help="JSON of EngineConfig fields")
+    ap.add_argument("--decode-len", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64, 128])
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--hf-decode-len", type=int, default=32)
+    ap.add_argument("--hf-concurrency", type=int, nargs="*", default=[8, 32])
+    args = ap.parse_args()
+    result = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "model": "Qwen3-Omni-30B-A3B thinker, full-size random weights, bf16",
+    }
+    try:
+        import triton
+
+        result["versions"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    result["thinktalk"] = bench_thinktalk(args)
+    print(json.dumps(result["thinktalk"], indent=1), flush=True)
+    if not args.skip_transformers:
+        import transformers
+
+        result["versions"]["transformers"] = transformers.__version__
+        result["transformers"] = bench_transformers(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
