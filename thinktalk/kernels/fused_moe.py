@@ -1,0 +1,206 @@
+"""Fused mixture-of-experts (the experts part of `layers.moe.SparseMoE`) in Triton.
+
+`fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)` has the signature of
+`layers.moe.moe_reference`, the pure-torch reference, so `SparseMoE.experts_fn` can be swapped.
+
+How it works (three launches, no host synchronisation, so a decode step can be CUDA-graphed):
+
+1. `moe_align` (torch ops): the N*K (token, slot) pairs are sorted by expert and each expert's
+   group is padded to a multiple of BLOCK_M with a sentinel row. The result is a static-size row
+   list `sorted_ids` (upper bound N*K + min(E, N*K) * (BLOCK_M - 1)) and one expert id per block of
+   BLOCK_M rows (-1 for the unused tail blocks, whose programs exit at once).
+2. `_gate_up_kernel`: a grouped GEMM, one program per (row block, column block of I). It gathers
+   the block's token rows of `hidden`, multiplies them by the gate *and* the up half of that
+   block's expert (two fp32 accumulators sharing the A tile) and writes act(gate) * up: the
+   SiLU-and-mul is fused in the epilogue, so the [N*K, 2I] gate_up product never reaches memory.
+3. `_down_kernel`: the same grouped GEMM against `down_proj`, scaling each row by its routing
+   weight in the epilogue and writing fp32 rows of [N, K, H]; the sum over the top-k slots is one
+   deterministic torch reduction (no atomics), cast back to the input dtype.
+
+Accumulation is fp32; fp32 inputs use IEEE products (not TF32) so the kernel is comparable with
+the reference. Only SiLU is fused; any other activation falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.moe import moe_reference
+
+from .common import available, dot_in_fp32, dot_precision, triton
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["fused_moe", "moe_align", "moe_reference", "available"]
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Sort (token, slot) pairs by expert, each expert's group padded to a multiple of block_m.
+
+    Returns (sorted_ids [P] int32: flat index token*K + slot, or N*K for padding;
+    expert_ids [P // block_m] int32: the expert of each block, -1 past the used blocks).
+    P is a static upper bound, so shapes depend only on N*K, E and block_m.
+    """
+    device = topk_ids.device
+    flat = topk_ids.flatten().long()
+    nk = flat.numel()
+    # scatter_add, not bincount: bincount reads the maximum back to the host (no CUDA graphs)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)
+    by_expert = flat[order]
+    rank = torch.arange(nk, device=device) - (counts.cumsum(0) - counts)[by_expert]
+    max_rows = nk + min(num_experts, nk) * (block_m - 1)
+    num_blocks = -(-max_rows // block_m)
+    sorted_ids = torch.full((num_blocks * block_m,), nk, dtype=torch.int32, device=device)
+    sorted_ids[starts[by_expert] + rank] = order.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    expert_ids = torch.searchsorted(ends, block_start, right=True)
+    expert_ids = torch.where(block_start < ends[-1], expert_ids, -1).to(torch.int32)
+    return sorted_ids, expert_ids
+
+
+def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
+    rows_per_expert = nk / max(1, min(num_experts, nk))
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3 if block_m < 64 else 2)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_rows, hidden_size, inter_size,
+        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(inter_size, BLOCK_N)
+        pid_m = pid // n_blocks
+        pid_n = pid % n_blocks
+        expert = tl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(sorted_ids_ptr + offs_m)
+        row_ok = rows < num_rows
+        tokens = rows // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter_size
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        u_ptrs = g_ptrs + inter_size * stride_wn
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(hidden_size, BLOCK_K)):
+            k_ok = offs_k < hidden_size - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+        h = acc_g * tl.sigmoid(acc_g) * acc_u  # silu(gate) * up
+        o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(
+        a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_rows, hidden_size, inter_size,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(hidden_size, BLOCK_N)
+        pid_m = pid // n_blocks
+        pid_n = pid % n_blocks
+        expert = tl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(sorted_ids_ptr + offs_m)
+        row_ok = rows < num_rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hidden_size
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(inter_size, BLOCK_K)):
+            k_ok = offs_k < inter_size - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        route_w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * route_w[:, None]
+        o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act=F.silu,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """hidden [N, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_* [N, K] -> [N, H]."""
+    if act is not F.silu or not available(hidden.device):
+        return moe_reference(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
+    n, hidden_size = hidden.shape
+    num_experts, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if n == 0:
+        return torch.zeros_like(hidden)
+    nk = n * top_k
+    cfg = config or _pick_config(nk, num_experts, hidden_size, inter)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    upcast = dot_in_fp32(hidden.dtype)
+    precision = dot_precision(torch.float32 if upcast else hidden.dtype)
+    sorted_ids, expert_ids = moe_align(topk_ids, num_experts, bm)
+    num_m_blocks = expert_ids.numel()
+
+    inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
+    grid = (num_m_blocks * triton.cdiv(inter, bn),)
+    _gate_up_kernel[grid](
+        hidden, gate_up_proj, inter_act, sorted_ids, expert_ids,
+        nk, hidden_size, inter,
+        hidden.stride(0), hidden.stride(1),
+        gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+        inter_act.stride(0), inter_act.stride(1),
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast, **launch,
+    )
+
+    out = torch.empty(nk, hidden_size, dtype=torch.float32, device=hidden.device)
+    weights = topk_weights.reshape(-1).contiguous()
+    grid = (num_m_blocks * triton.cdiv(hidden_size, bn),)
+    _down_kernel[grid](
+        inter_act, down_proj, out, weights, sorted_ids, expert_ids,
+        nk, hidden_size, inter,
+        inter_act.stride(0), inter_act.stride(1),
+        down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast, **launch,
+    )
+    return out.view(n, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
