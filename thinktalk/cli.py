@@ -165,6 +165,47 @@ def make_tiny_cmd(
     console.print(f"wrote tiny random {variant} checkpoint to {path}")
 
 
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint folder (default: the demo model)"),
+    demo: bool = typer.Option(False, "--demo", help="serve the demo model: tiny random weights, meaningless output"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: list[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY",
+                                      help="require 'Authorization: Bearer KEY' on /v1 (repeatable)"),
+    served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the folder name)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
+    no_talker: bool = typer.Option(False, "--no-talker", help="text output only; skips loading the talker"),
+    max_queue: int = typer.Option(64, min=0, help="requests that may wait beyond --max-num-seqs; more get 429"),
+    max_num_seqs: int = typer.Option(16, min=1, help="requests decoded together"),
+    allow_remote_media: bool = typer.Option(False, "--allow-remote-media", help="fetch http(s) media URLs"),
+    allowed_local_media_path: Optional[Path] = typer.Option(
+        None, help="serve file:// and path media only from under this folder"),
+):
+    """OpenAI-compatible HTTP server: chat (text, image, audio, video in; text and speech out), speech,
+    transcriptions, translations; /health, /metrics and a web page at /."""
+    from .server.app import ServeOptions
+    from .server.app import serve as run_server
+
+    if model is not None and demo:
+        console.print("[red]error:[/red] give --model or --demo, not both")
+        raise typer.Exit(2)
+    if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
+        console.print(f"[red]error:[/red] --allowed-local-media-path {allowed_local_media_path}: not a folder")
+        raise typer.Exit(2)
+    if model is not None and not model.is_dir():
+        console.print(f"[red]error:[/red] --model {model}: not a folder")
+        raise typer.Exit(2)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    opts = ServeOptions(
+        model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
+        device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
+        allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
+    )
+    raise typer.Exit(run_server(opts))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

@@ -1,0 +1,382 @@
+"""The server process: state, app factory, error handlers and the uvicorn run loop.
+
+Life of the process:
+
+    loading ──► ready ──► draining ──► (exit 0)        SIGTERM/SIGINT: finish what is running
+       │          │                                     (new requests get 503), then stop
+       └──────────┴────► broken ──► (exit 1)            the model failed to load or the engine
+                                                        thread died: never hang, exit non-zero
+
+The HTTP socket is open from the start, so /health answers "loading" while the model loads in a
+background thread; /v1 routes answer 503 until ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ContextLengthError, InputError, MediaError
+from .async_engine import AsyncEngine, EngineDead
+from .media import MediaPolicy
+from .metrics import Metrics
+from .protocol import APIError, error_body
+
+log = logging.getLogger("thinktalk.server")
+
+DEMO_MODEL_NAME = "thinktalk-demo-tiny-random"
+_ENDPOINTS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations",
+              "/v1/models", "/health", "/metrics", "/")
+
+
+@dataclass
+class ServeOptions:
+    model: Path | None = None  # None: the demo model (tiny random weights)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    served_model_name: str | None = None
+    device: str | None = None
+    talker: bool = True
+    max_queue: int = 64  # requests waiting for a place in the batch, beyond max_num_seqs
+    max_num_seqs: int = 16
+    allow_remote_media: bool = False
+    allowed_local_media_path: Path | None = None
+    drain_timeout_s: float = 30.0
+
+
+class ServerState:
+    """Everything the routes share. Created before the model exists; `omni`/`engine` set when ready."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.demo = opts.model is None
+        self.model_path: Path | None = opts.model
+        if opts.served_model_name:
+            self.model_name = opts.served_model_name
+        elif opts.model is not None:
+            self.model_name = Path(opts.model).resolve().name
+        else:
+            self.model_name = DEMO_MODEL_NAME
+        self.created = int(time.time())
+        self.status = "loading"
+        self.broken_reason: str | None = None
+        self.omni = None
+        self.engine: AsyncEngine | None = None
+        self.metrics = Metrics(self.model_name)
+        self.media = MediaPolicy(
+            allow_remote=opts.allow_remote_media,
+            local_root=Path(opts.allowed_local_media_path).resolve() if opts.allowed_local_media_path else None,
+        )
+        self.api_keys = [k for k in opts.api_keys if k]
+        self.inflight = 0
+        self.capacity = opts.max_num_seqs + opts.max_queue
+        workers = max(2, min(4, os.cpu_count() or 2))
+        self.cpu_pool = ThreadPoolExecutor(workers, thread_name_prefix="thinktalk-cpu")
+        self.speech_pool = ThreadPoolExecutor(1, thread_name_prefix="thinktalk-speech")
+        self.exit_code = 0
+        self.uvicorn = None  # the uvicorn.Server, to stop it
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def random_weights(self) -> bool:
+        return self.omni.random_weights if self.omni is not None else self.demo
+
+    def require_ready(self) -> None:
+        if self.status == "ready":
+            return
+        if self.status == "loading":
+            raise APIError(503, "the model is still loading; retry shortly", type="service_unavailable_error",
+                           code="loading", headers={"Retry-After": "5"})
+        if self.status == "draining":
+            raise APIError(503, "the server is shutting down", type="service_unavailable_error", code="draining")
+        raise APIError(503, f"the server is broken: {self.broken_reason}", type="service_unavailable_error",
+                       code="broken")
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not any(secrets.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+            raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or name in (self.model_name, str(self.model_path or "")):
+            return
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                       param="model", code="model_not_found")
+
+    def admit(self, n: int = 1) -> Callable[[], None]:
+        """Take n places of the queue or raise 429; returns the (idempotent) release function."""
+        if self.inflight + n > self.capacity:
+            raise APIError(429, f"the server is at capacity ({self.capacity} requests in flight); retry later",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self.inflight += n
+        self.metrics.inflight.labels(self.model_name).set(self.inflight)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight -= n
+                self.metrics.inflight.labels(self.model_name).set(self.inflight)
+
+        return release
+
+    async def run_cpu(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Media decoding, tokenizing, audio encoding: off the event loop and off the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))
+
+    async def run_speech(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.speech_pool, lambda: fn(*args))
+
+    def health(self) -> dict[str, Any]:
+        stats = dict(self.engine.stats) if self.engine is not None else {"running": 0, "waiting": 0, "kv_used_tokens": 0}
+        out = {"status": self.status, "model": self.model_name, "random_weights": self.random_weights,
+               "in_flight": self.inflight, **stats}
+        if self.broken_reason:
+            out["reason"] = self.broken_reason
+        return out
+
+    # -- transitions -----------------------------------------------------------------------------
+    def start_loading(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        threading.Thread(target=self._load, name="thinktalk-load", daemon=True).start()
+
+    def _load(self) -> None:
+        from ..api import RANDOM_WEIGHTS_NOTICE, Omni
+        from ..engine import EngineConfig
+
+        try:
+            t0 = time.perf_counter()
+            omni = Omni.load(self.opts.model, device=self.opts.device, talker=self.opts.talker,
+                             engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs), progress=False)
+        except BaseException as exc:  # noqa: BLE001 - any load failure ends the process, with its reason
+            log.error("loading the model failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
+            self.loop.call_soon_threadsafe(self.fail, f"loading the model failed: {exc}")
+            return
+        log.info("model loaded in %.1f s from %s", time.perf_counter() - t0, omni.path)
+        if omni.random_weights:
+            log.warning("SERVING THE DEMO MODEL: %s", RANDOM_WEIGHTS_NOTICE)
+        self.loop.call_soon_threadsafe(self._ready, omni)
+
+    def _ready(self, omni) -> None:
+        if self.status != "loading":
+            return
+        self.omni = omni
+        self.model_path = omni.path
+        self.engine = AsyncEngine(
+            omni.engine, on_stats=self.metrics.set_engine,
+            on_fatal=lambda exc: self.loop.call_soon_threadsafe(self.fail, f"engine thread died: {exc!r}"),
+        )
+        self.engine.start(self.loop)
+        self.status = "ready"
+        voices = ", ".join(omni.voices) or "none (no talker)"
+        log.info("ready: serving %r on http://%s:%s (voices: %s)", self.model_name, self.opts.host, self.opts.port, voices)
+
+    def fail(self, reason: str) -> None:
+        """Broken: report it on /health, stop soon with exit code 1 (a watchdog makes sure of it)."""
+        if self.status == "broken":
+            return
+        self.status = "broken"
+        self.broken_reason = reason
+        self.exit_code = 1
+        log.critical("server broken (%s); exiting", reason)
+        _watchdog(15.0, 1)
+        self.loop.call_later(1.0, self._stop_uvicorn)
+
+    def start_draining(self) -> None:
+        if self.status in ("draining", "broken"):
+            return
+        log.info("draining: %d request(s) in flight; new requests get 503", self.inflight)
+        self.status = "draining"
+        self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.opts.drain_timeout_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            log.warning("drain timeout: %d request(s) still in flight", self.inflight)
+        _watchdog(self.opts.drain_timeout_s + 15.0, self.exit_code)
+        self._stop_uvicorn()
+
+    def _stop_uvicorn(self) -> None:
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self.speech_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _watchdog(seconds: float, code: int) -> None:
+    """Make sure the process ends even if something (a stuck connection, a thread) holds it up."""
+    def kill():
+        log.critical("exit watchdog: still running %.0f s after shutdown began; exiting now", seconds)
+        os._exit(code or 1)
+
+    timer = threading.Timer(seconds, kill)
+    timer.daemon = True
+    timer.start()
+
+
+# -- app ------------------------------------------------------------------------------------------
+class _RequestCounter:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would get in the way of disconnect handling)
+    counting responses by endpoint and status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if endpoint not in ("/metrics", "/health"):
+                self.state.metrics.count(endpoint, status["code"])
+
+
+def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_from_loc(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "form")]
+    # drop pydantic's union/discriminator tags (e.g. 'str', 'list[...]', 'text') after an index
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _json_error(exc.status, exc.body(), exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError):
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else (
+            "invalid_media" if isinstance(exc, MediaError) else None)
+        return _json_error(400, error_body(str(exc), "invalid_request_error", exc.param, code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = tuple(first.get("loc", ()))
+        param = _param_from_loc(loc)
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            param = None
+        else:
+            message = f"{param or 'request'}: {first['msg']}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more error(s))"
+        return _json_error(400, error_body(message, "invalid_request_error", param, None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return _json_error(exc.status_code, error_body(message, kind), getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(request: Request, exc: EngineDead):
+        return _json_error(503, error_body(str(exc), "service_unavailable_error", None, "broken"))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _json_error(500, error_body(f"internal server error ({type(exc).__name__})", "server_error"))
+
+
+def create_app(opts: ServeOptions) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    from . import openai as routes
+
+    state = ServerState(opts)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start_loading(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="thinktalk", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    app.add_middleware(_RequestCounter, state=state)
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# -- running --------------------------------------------------------------------------------------
+def serve(opts: ServeOptions) -> int:
+    """Run the server until stopped; returns the process exit code."""
+    import uvicorn
+
+    app = create_app(opts)
+    state: ServerState = app.state.server
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # first signal: drain (finish in-flight requests, refuse new ones); second: stop now
+            if state.status in ("ready", "loading") and state.loop is not None and not self.should_exit:
+                state.loop.call_soon_threadsafe(state.start_draining)
+                return
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = _Server(config)
+    state.uvicorn = server
+    what = f"the DEMO model (tiny random weights: its text and speech are meaningless)" if state.demo else str(opts.model)
+    log.info("starting thinktalk server for %s as %r at http://%s:%s", what, state.model_name, opts.host, opts.port)
+    server.run()
+    if not server.started and state.exit_code == 0:
+        return 1  # e.g. the port was taken
+    return state.exit_code

@@ -1,0 +1,844 @@
+"""The OpenAI-compatible routes: models, chat completions (text and speech out), speech,
+transcriptions and translations, plus /health, /metrics and the web page.
+
+A chat request goes: validate (pydantic) -> admit (429 past capacity) -> content parts to our
+messages (media.py) -> `Omni.make_request` in the CPU pool -> one engine request per choice ->
+token events -> TextPipeline (detokenize, stop strings, reasoning, tool calls) -> speech (talker in
+the speech pool) -> SSE chunks or one JSON body. Leaving early (client gone, stop string) aborts the
+engine request, which frees its KV at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..audio_out import MEDIA_TYPES, encode, to_pcm16
+from ..errors import ContextLengthError, InputError, MediaError
+from ..request import Request as EngineRequest
+from ..request import sampling_from
+from .app import ServerState
+from .async_engine import RequestStream
+from .media import convert_messages
+from .outputs import ParsedToolCall, Pieces, TextPipeline
+from .protocol import (
+    TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChoiceLogprobs, ChunkChoice, CompletionTokensDetails, Delta, DeltaAudio, MessageAudio, ModelCard, ModelList,
+    NamedToolChoice, PromptTokensDetails, ResponseFunction, ResponseMessage, ResponseToolCall, SpeechRequest,
+    TokenLogprob, TopLogprob, Usage, bad_request, error_body, new_id, now,
+)
+
+log = logging.getLogger("thinktalk.server")
+router = APIRouter()
+
+WEB = Path(__file__).parent / "web"
+AUDIO_CHUNK_S = 0.5  # streamed speech goes out in pieces of this length
+AUDIO_EXPIRES_S = 3600
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def api(request: Request) -> ServerState:
+    """Dependency of every /v1 route: the API key first, then readiness."""
+    st = _state(request)
+    st.check_auth(request)
+    st.require_ready()
+    return st
+
+
+# -- plain routes -----------------------------------------------------------------------------------
+@router.get("/health")
+async def health(request: Request):
+    st = _state(request)
+    return JSONResponse(st.health(), status_code=200 if st.status == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from .metrics import CONTENT_TYPE_LATEST
+
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@lru_cache(maxsize=8)
+def _web_file(name: str) -> str:
+    return (WEB / name).read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse)
+async def index(request: Request):
+    from ..api import RANDOM_WEIGHTS_NOTICE
+
+    st = _state(request)
+    banner = ""
+    if st.random_weights:
+        banner = (f'<div id="demo-banner" class="demo">DEMO MODEL &mdash; {RANDOM_WEIGHTS_NOTICE}. '
+                  f'Start the server with <code>--model PATH</code> to serve a real checkpoint.</div>')
+    html = _web_file("index.html").replace("<!--DEMO_BANNER-->", banner).replace("{{MODEL}}", st.model_name)
+    return HTMLResponse(html)
+
+
+@router.get("/web/{name}")
+async def web_asset(name: str):
+    types = {"app.js": "text/javascript", "style.css": "text/css"}
+    if name not in types:
+        raise APIError(404, f"no such file {name!r}", type="not_found_error")
+    return Response(_web_file(name), media_type=types[name])
+
+
+def _model_card(st: ServerState) -> ModelCard:
+    from ..api import RANDOM_WEIGHTS_NOTICE
+
+    omni = st.omni
+    card = ModelCard(id=st.model_name, created=st.created)
+    extra = {
+        "root": str(st.model_path),
+        "random_weights": omni.random_weights,
+        "max_model_len": omni.engine.max_model_len,
+        "voices": omni.voices,
+        "input_modalities": ["text", "image", "audio", "video"],
+        "output_modalities": ["text", "audio"] if omni.can_speak else ["text"],
+    }
+    if omni.random_weights:
+        extra["notice"] = RANDOM_WEIGHTS_NOTICE
+    for k, v in extra.items():
+        setattr(card, k, v)
+    return card
+
+
+@router.get("/v1/models")
+async def list_models(st: ServerState = Depends(api)):
+    return ModelList(data=[_model_card(st)]).model_dump()
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, st: ServerState = Depends(api)):
+    st.check_model(model_id)
+    return _model_card(st).model_dump()
+
+
+# -- shared pieces ------------------------------------------------------------------------------------
+async def _make_request(st: ServerState, messages: list[dict], sampling, **kw) -> EngineRequest:
+    """Omni.make_request in the CPU pool; media decoding failures are the client's (400)."""
+    try:
+        req = await st.run_cpu(st.omni.make_request, messages, sampling, **kw)
+    except InputError:
+        raise
+    except Exception as exc:
+        if _is_media_failure(exc):
+            raise MediaError(f"cannot decode the media: {exc}", param="messages") from exc
+        raise
+    if len(req.prompt_ids) + 1 > st.omni.engine.max_model_len:
+        raise ContextLengthError(
+            f"the prompt is {len(req.prompt_ids)} tokens; the model's context is {st.omni.engine.max_model_len} tokens",
+            param="messages")
+    return req
+
+
+def _is_media_failure(exc: BaseException) -> bool:
+    """Errors that media libraries raise for bad input the processor did not turn into MediaError."""
+    names = {"UnidentifiedImageError", "DecompressionBombError", "FFmpegError", "InvalidDataError"}
+    return any(cls.__name__ in names for cls in type(exc).__mro__) or type(exc).__module__.startswith("av.")
+
+
+def _clone(req: EngineRequest, request_id: str, seed: int | None) -> EngineRequest:
+    """An independent copy of a prepared request for another choice (n > 1)."""
+    copy = dataclasses.replace(
+        req, request_id=request_id, sampling=dataclasses.replace(req.sampling, seed=seed, stop=list(req.sampling.stop)),
+        output_ids=[], output_logprobs=[], kv=None, capture=None, generator=None,
+    )
+    if hasattr(req, "mm_inputs"):
+        copy.mm_inputs = req.mm_inputs
+    return copy
+
+
+class Tokens:
+    """Token strings and bytes for logprobs, cached per id."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_decoder = _byte_decoder()
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._lookup(token_id)
+        return hit
+
+    def _lookup(self, token_id: int) -> tuple[str, list[int]]:
+        piece = None
+        tok = getattr(self.processor, "tokenizer", None)
+        for attr in ("id_to_token", "convert_ids_to_tokens"):
+            fn = getattr(tok, attr, None)
+            if fn is not None:
+                try:
+                    piece = fn(token_id)
+                except Exception:  # noqa: BLE001 - fall back to decoding
+                    piece = None
+                break
+        if isinstance(piece, str) and piece and all(c in self._byte_decoder for c in piece):
+            raw = bytes(self._byte_decoder[c] for c in piece)  # byte-level BPE symbols -> bytes
+            return raw.decode("utf-8", "replace"), list(raw)
+        text = self.processor.decode([token_id], skip_special_tokens=False)
+        return text, list(text.encode("utf-8"))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table (byte-level BPE's symbol for every byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + k): b for k, b in enumerate(others)})
+    return table
+
+
+def _tokens(st: ServerState) -> Tokens:
+    tok = getattr(st, "_tokens", None)
+    if tok is None:
+        tok = st._tokens = Tokens(st.omni.processor)
+    return tok
+
+
+def _logprobs(st: ServerState, entries: list[dict], eos: set[int]) -> list[TokenLogprob]:
+    tokens = _tokens(st)
+    out = []
+    for e in entries:
+        if e["token"] in eos:
+            continue
+        text, raw = tokens.get(e["token"])
+        top = []
+        for tid, lp in e.get("top", []):
+            t, b = tokens.get(tid)
+            top.append(TopLogprob(token=t, logprob=lp, bytes=b))
+        out.append(TokenLogprob(token=text, logprob=e["logprob"], bytes=raw, top_logprobs=top))
+    return out
+
+
+async def _until_disconnect(request: Request, work):
+    """Await `work`; if the client goes away first, cancel it (its cleanup aborts engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        log.info("client disconnected from %s; request aborted", request.url.path)
+        return Response(status_code=499)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _synthesize(st: ServerState, req: EngineRequest) -> np.ndarray:
+    """Talker + code2wav for a finished request (speech pool). An empty answer speaks nothing."""
+    t0 = time.perf_counter()
+    try:
+        _codes, wav = await st.run_speech(st.omni.speak, req)
+    except InputError as exc:
+        log.info("no speech for %s: %s", req.request_id, exc)
+        return np.zeros(0, dtype=np.float32)
+    seconds = len(wav) / 24000
+    if seconds > 0:
+        m = st.metrics
+        m.rtf.labels(m.model).observe((time.perf_counter() - t0) / seconds)
+        m.audio_seconds.labels(m.model).inc(seconds)
+    return np.asarray(wav, dtype=np.float32)
+
+
+class _SSE(StreamingResponse):
+    """An event stream whose cleanup (abort, release) runs however it ends: finished, client gone
+    (starlette cancels the sender), or never started."""
+
+    def __init__(self, gen, cleanup):
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._gen, self._cleanup = gen, cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self._gen.aclose()
+            finally:
+                self._cleanup()
+
+
+def _sse(obj: Any) -> str:
+    if hasattr(obj, "model_dump_json"):
+        return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _error_event(exc: BaseException) -> dict:
+    if isinstance(exc, APIError):
+        return exc.body()
+    if isinstance(exc, InputError):
+        return error_body(str(exc), "invalid_request_error", exc.param)
+    return error_body(f"the request failed: {exc}", "server_error")
+
+
+# -- chat completions -------------------------------------------------------------------------------
+@dataclass
+class _Update:
+    pieces: Pieces | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    audio: bytes | None = None  # pcm16 chunk
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Choice:
+    index: int
+    stream: RequestStream
+    pipe: TextPipeline
+    finish_reason: str | None = None
+    audio_id: str = field(default_factory=lambda: new_id("audio"))
+    wav: np.ndarray | None = None
+
+
+@dataclass
+class _Chat:
+    st: ServerState
+    body: ChatCompletionRequest
+    id: str
+    created: int
+    arrival: float
+    voice: str | None
+    choices: list[_Choice]
+    prompt_tokens: int
+    by_modality: dict[str, int]
+    first_audio_at: float | None = None
+    closed: bool = False
+
+    async def run_choice(self, ch: _Choice) -> AsyncIterator[_Update]:
+        """Text updates as tokens arrive, then (with speech) pcm16 chunks, then the finish reason."""
+        try:
+            async for ev in ch.stream:
+                pieces = ch.pipe.feed(ev.token_ids)
+                if pieces or ev.logprobs:
+                    yield _Update(pieces=pieces, logprobs=ev.logprobs)
+                if ch.pipe.stopped:
+                    ch.stream.abort()
+                    async for _ in ch.stream:  # until the engine has let go of the request
+                        pass
+                    break
+            tail = ch.pipe.finish()
+            if tail:
+                yield _Update(pieces=tail)
+            reason = "stop" if ch.pipe.stopped else ch.stream.finish_reason
+            if ch.pipe.tool_calls:
+                reason = "tool_calls"
+            self._observe(ch.stream)
+            if self.voice is not None:
+                ch.wav = await _synthesize(self.st, ch.stream.req)
+                if self.body.stream:
+                    pcm = await self.st.run_cpu(to_pcm16, ch.wav)
+                    step = int(AUDIO_CHUNK_S * 24000) * 2
+                    for start in range(0, max(len(pcm), 1), step):
+                        yield _Update(audio=pcm[start : start + step])
+            ch.finish_reason = reason
+            yield _Update(finish_reason=reason)
+        finally:
+            ch.stream.abort()  # no-op when finished; frees the KV of a request left early
+
+    def _observe(self, s: RequestStream) -> None:
+        m = self.st.metrics
+        if s.first_token_at is not None:
+            m.ttft.labels(m.model).observe(s.first_token_at - self.arrival)
+            if s.num_tokens > 1:
+                m.tpot.labels(m.model).observe((s.last_token_at - s.first_token_at) / (s.num_tokens - 1))
+        m.generation_tokens.labels(m.model).inc(s.num_tokens)
+
+    def close(self, release):
+        """The idempotent end of a chat: abort what still runs, give the places back, time it."""
+        def cleanup():
+            if self.closed:
+                return
+            self.closed = True
+            for ch in self.choices:
+                ch.stream.abort()
+            release()
+            m = self.st.metrics
+            m.e2e.labels(m.model).observe(time.perf_counter() - self.arrival)
+
+        return cleanup
+
+    async def updates(self) -> AsyncIterator[tuple[int, _Update]]:
+        """All choices' updates, interleaved as they come."""
+        gens = [self.run_choice(ch) for ch in self.choices]
+        if len(gens) == 1:
+            try:
+                async for upd in gens[0]:
+                    yield 0, upd
+            finally:
+                await gens[0].aclose()
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i, gen):
+            try:
+                async for upd in gen:
+                    await queue.put((i, upd))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, exc))
+            finally:
+                await gen.aclose()
+                await queue.put((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def usage(self) -> Usage:
+        completion = sum(ch.stream.num_tokens for ch in self.choices)
+        reasoning = sum(ch.pipe.reasoning_tokens for ch in self.choices)
+        audio_frames = sum(int(round(len(ch.wav) / 1920)) for ch in self.choices if ch.wav is not None)
+        m = self.by_modality
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(
+                text_tokens=m.get("text", 0), image_tokens=m.get("image", 0), audio_tokens=m.get("audio", 0),
+                video_tokens=m.get("video", 0)),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning, audio_tokens=audio_frames),
+        )
+
+
+def _tool_call_deltas(calls: list[ParsedToolCall], start: int) -> list[ResponseToolCall]:
+    return [
+        ResponseToolCall(index=start + k, id=c.id, type="function", function=ResponseFunction(name=c.name, arguments=c.arguments))
+        for k, c in enumerate(calls)
+    ]
+
+
+def _sampling(body: ChatCompletionRequest, **overrides):
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+    values = dict(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed, stop=body.stop or None,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    values.update(overrides)
+    return sampling_from(body.preset, **values)
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
+    """(tools for the chat template, whether to parse tool calls out of the answer)."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice
+    if choice == "none" or not tools:
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        return None, False
+    if isinstance(choice, NamedToolChoice):
+        tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not tools:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                              param="tool_choice")
+    return tools, True
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, st: ServerState = Depends(api)):
+    arrival = time.perf_counter()
+    st.check_model(body.model)
+    omni = st.omni
+    sampling = _sampling(body)
+    voice = None
+    if body.modalities and "audio" in body.modalities:
+        if not omni.can_speak:
+            raise bad_request("this server has no talker (a Thinking model or --no-talker): audio output is not "
+                              "available", param="modalities")
+        if body.audio is None:
+            raise bad_request("modalities includes 'audio': give audio={'voice': ..., 'format': ...}", param="audio")
+        try:
+            voice = omni.check_speaker(body.audio.voice)
+        except InputError as exc:
+            raise bad_request(str(exc), param="audio.voice") from None
+        if body.stream and body.audio.format != "pcm16":
+            raise bad_request("streamed audio is sent as pcm16: set audio.format to 'pcm16'", param="audio.format")
+    tools, parse_tools = _tools(body)
+    enable_thinking = body.enable_thinking
+    if enable_thinking is None and body.chat_template_kwargs is not None:
+        enable_thinking = body.chat_template_kwargs.enable_thinking
+
+    release = st.admit(body.n)
+    try:
+        messages = await convert_messages(body.messages, st.media)
+        req = await _make_request(st, messages, sampling, speaker=voice, use_audio_in_video=body.use_audio_in_video,
+                                  enable_thinking=enable_thinking, tools=tools)
+        by_modality = await st.run_cpu(omni.count_modalities, req.prompt_ids)
+        chat_id = new_id("chatcmpl")
+        reqs = [_clone(req, f"{chat_id}-{i}", None if body.seed is None else body.seed + i) for i in range(body.n)]
+        decode = _decoder(omni)
+        choices = []
+        for i, r in enumerate(reqs):
+            choices.append(_Choice(i, st.engine.add(r), TextPipeline(decode, body.stop or [], parse_tools)))
+        st.metrics.prompt_tokens.labels(st.model_name).inc(len(req.prompt_ids))
+        chat = _Chat(st, body, chat_id, now(), arrival, voice, choices, len(req.prompt_ids), by_modality)
+    except BaseException:
+        release()
+        raise
+    if body.stream:
+        return _SSE(_stream_chat(chat), chat.close(release))
+    try:
+        return await _until_disconnect(request, _complete_chat(chat))
+    finally:
+        chat.close(release)()
+
+
+def _decoder(omni):
+    processor = omni.processor
+
+    def decode(ids: list[int]) -> str:
+        return processor.decode(ids, skip_special_tokens=True)
+
+    return decode
+
+
+async def _complete_chat(chat: _Chat) -> JSONResponse:
+    st, body = chat.st, chat.body
+    logprobs: dict[int, list[dict]] = {ch.index: [] for ch in chat.choices}
+    async for i, upd in chat.updates():
+        logprobs[i].extend(upd.logprobs)
+    eos = set(st.omni.engine.eos_token_ids)
+    out = []
+    for ch in chat.choices:
+        pipe = ch.pipe
+        calls = pipe.tool_calls
+        content = pipe.all_content
+        if calls and not content.strip():
+            content = None
+        msg = ResponseMessage(content=content, reasoning_content=pipe.all_reasoning or None,
+                              tool_calls=_tool_call_deltas(calls, 0) or None)
+        for tc in msg.tool_calls or []:
+            tc.index = None
+        if ch.wav is not None:
+            data = await st.run_cpu(_encode_b64, ch.wav, body.audio.format)
+            msg.audio = MessageAudio(id=ch.audio_id, data=data, transcript=pipe.all_content,
+                                     expires_at=now() + AUDIO_EXPIRES_S)
+            if chat.first_audio_at is None:
+                chat.first_audio_at = time.perf_counter()
+                st.metrics.first_audio.labels(st.model_name).observe(chat.first_audio_at - chat.arrival)
+        lp = ChoiceLogprobs(content=_logprobs(st, logprobs[ch.index], eos)) if body.logprobs else None
+        out.append(Choice(index=ch.index, message=msg, finish_reason=ch.finish_reason, logprobs=lp))
+    resp = ChatCompletion(id=chat.id, created=chat.created, model=st.model_name, choices=out, usage=chat.usage())
+    data = resp.model_dump(exclude_none=True)
+    for c, dumped in zip(out, data["choices"]):  # the explicit nulls of OpenAI's schema
+        dumped["finish_reason"] = c.finish_reason
+        dumped["message"]["content"] = c.message.content
+    return JSONResponse(data)
+
+
+def _encode_b64(wav: np.ndarray, fmt: str) -> str:
+    return base64.b64encode(encode(wav, 24000, fmt)).decode("ascii")
+
+
+async def _stream_chat(chat: _Chat) -> AsyncIterator[str]:
+    st, body = chat.st, chat.body
+    eos = set(st.omni.engine.eos_token_ids)
+    n_calls = {ch.index: 0 for ch in chat.choices}
+    sent_transcript: set[int] = set()
+
+    def chunk(index: int, delta: Delta, finish: str | None = None, logprobs=None) -> str:
+        c = ChatCompletionChunk(id=chat.id, created=chat.created, model=st.model_name,
+                                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
+        return _sse(c)
+
+    try:
+        for ch in chat.choices:
+            yield chunk(ch.index, Delta(role="assistant", content=""))
+        async for i, upd in chat.updates():
+            ch = chat.choices[i]
+            if upd.pieces is not None or upd.logprobs:
+                p = upd.pieces or Pieces()
+                delta = Delta(content=p.content or None, reasoning_content=p.reasoning or None)
+                if p.tool_calls:
+                    delta.tool_calls = _tool_call_deltas(p.tool_calls, n_calls[i])
+                    n_calls[i] += len(p.tool_calls)
+                lp = None
+                if body.logprobs and upd.logprobs:
+                    lp = ChoiceLogprobs(content=_logprobs(st, upd.logprobs, eos))
+                if delta.content is None and delta.reasoning_content is None and not delta.tool_calls and lp is None:
+                    continue
+                yield chunk(i, delta, logprobs=lp)
+            elif upd.audio is not None:
+                audio = DeltaAudio(id=ch.audio_id, data=base64.b64encode(upd.audio).decode("ascii"))
+                if i not in sent_transcript:
+                    sent_transcript.add(i)
+                    audio.transcript = ch.pipe.all_content
+                    audio.expires_at = now() + AUDIO_EXPIRES_S
+                    if chat.first_audio_at is None:
+                        chat.first_audio_at = time.perf_counter()
+                        st.metrics.first_audio.labels(st.model_name).observe(chat.first_audio_at - chat.arrival)
+                yield chunk(i, Delta(audio=audio))
+            elif upd.finish_reason is not None:
+                yield chunk(i, Delta(), finish=upd.finish_reason)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage = ChatCompletionChunk(id=chat.id, created=chat.created, model=st.model_name, choices=[],
+                                        usage=chat.usage())
+            yield _sse(usage)
+    except (APIError, InputError, Exception) as exc:  # noqa: BLE001 - reported in the stream; headers are sent
+        if not isinstance(exc, (APIError, InputError)):
+            log.exception("chat stream %s failed", chat.id, exc_info=exc)
+        yield _sse(_error_event(exc))
+    yield "data: [DONE]\n\n"
+
+
+# -- speech -----------------------------------------------------------------------------------------
+@router.post("/v1/audio/speech")
+async def speech(body: SpeechRequest, request: Request, st: ServerState = Depends(api)):
+    arrival = time.perf_counter()
+    st.check_model(body.model)
+    omni = st.omni
+    if not omni.can_speak:
+        raise bad_request("this server has no talker (a Thinking model or --no-talker): speech is not available",
+                          param="model")
+    try:
+        voice = omni.check_speaker(body.voice)
+    except InputError as exc:
+        raise bad_request(str(exc), param="voice") from None
+    if body.speed != 1.0:
+        raise bad_request("only speed=1.0 is supported", param="speed")
+    fmt = body.response_format
+    release = st.admit(1)
+
+    async def work():
+        from .. import tts
+
+        req = await st.run_cpu(tts.speech_request, omni, body.input, voice, instructions=body.instructions)
+        if len(req.prompt_ids) + 1 > omni.engine.max_model_len:
+            raise ContextLengthError(f"the text is too long ({len(req.prompt_ids)} tokens with its prompt)",
+                                     param="input")
+        await st.engine.call(lambda: tts.forced_prefill(omni, req))
+        wav = await _synthesize(st, req)
+        data = await st.run_cpu(encode, wav, 24000, fmt)
+        st.metrics.first_audio.labels(st.model_name).observe(time.perf_counter() - arrival)
+        return data
+
+    try:
+        data = await _until_disconnect(request, work())
+    finally:
+        release()
+    if isinstance(data, Response):
+        return data
+    step = 64 * 1024
+
+    async def body_chunks():
+        for start in range(0, len(data), step):
+            yield data[start : start + step]
+
+    st.metrics.e2e.labels(st.model_name).observe(time.perf_counter() - arrival)
+    return StreamingResponse(body_chunks(), media_type=MEDIA_TYPES[fmt],
+                             headers={"Content-Length": str(len(data)),
+                                      "Content-Disposition": f'inline; filename="speech.{_ext(fmt)}"'})
+
+
+def _ext(fmt: str) -> str:
+    return {"opus": "ogg", "pcm": "pcm"}.get(fmt, fmt)
+
+
+# -- transcriptions / translations ------------------------------------------------------------------
+LANGUAGES = {
+    "en": "English", "zh": "Chinese", "ko": "Korean", "ja": "Japanese", "de": "German", "ru": "Russian",
+    "it": "Italian", "fr": "French", "es": "Spanish", "pt": "Portuguese", "ms": "Malay", "nl": "Dutch",
+    "id": "Indonesian", "tr": "Turkish", "vi": "Vietnamese", "yue": "Cantonese", "ar": "Arabic", "ur": "Urdu",
+    "hi": "Hindi",
+}
+
+
+def _language(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    key = value.strip()
+    if key.lower() in LANGUAGES:
+        return LANGUAGES[key.lower()]
+    for name in LANGUAGES.values():
+        if name.lower() == key.lower():
+            return name
+    raise bad_request(f"unsupported language {value!r}; use one of {', '.join(sorted(LANGUAGES))}", param="language")
+
+
+def asr_instruction(task: str, language: str | None) -> str:
+    """The prompts of the Qwen3-Omni model card / cookbooks for ASR and speech-to-text translation."""
+    if task == "transcribe":
+        if language == "Chinese":
+            return "请将这段中文语音转换为纯文本。"
+        return f"Transcribe the {language} audio into text." if language else "Transcribe the audio into text."
+    source = f"{language} " if language else ""
+    return f"Listen to the provided {source}speech and produce a translation in English text."
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    s, ms = divmod(rest, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def _audio_seconds(req: EngineRequest, omni) -> float:
+    mask = getattr(req, "mm_inputs", {}).get("feature_attention_mask")
+    if mask is None:
+        return 0.0
+    fe = getattr(omni.processor, "feature_extractor", None)
+    hop = getattr(fe, "hop_length", 160)
+    rate = getattr(fe, "sampling_rate", 16000)
+    return float(mask.sum()) * hop / rate
+
+
+async def _transcribe(task: str, request: Request, st: ServerState, file: UploadFile, model: str | None,
+                      language: str | None, prompt: str | None, response_format: str, temperature: float,
+                      max_tokens: int | None, stream: bool):
+    arrival = time.perf_counter()
+    st.check_model(model)
+    if response_format not in TRANSCRIPT_FORMATS:
+        raise bad_request(f"response_format must be one of {', '.join(TRANSCRIPT_FORMATS)}", param="response_format")
+    if stream:
+        raise bad_request("streamed transcription is not supported; leave stream unset", param="stream")
+    if not 0 <= temperature <= 2:
+        raise bad_request("temperature must be in [0, 2]", param="temperature")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request("max_tokens must be >= 1", param="max_tokens")
+    lang = _language(language)
+    audio = await file.read()
+    if not audio:
+        raise bad_request("the uploaded file is empty", param="file")
+    omni = st.omni
+    messages: list[dict] = []
+    if prompt:
+        messages.append({"role": "system", "content": prompt})
+    messages.append({"role": "user", "content": [
+        {"type": "audio", "audio": audio}, {"type": "text", "text": asr_instruction(task, lang)}]})
+    release = st.admit(1)
+
+    async def work():
+        sampling = sampling_from(None, temperature=temperature, max_new_tokens=max_tokens or 1, logprobs=0)
+        req = await _make_request(st, messages, sampling, enable_thinking=False)
+        seconds = _audio_seconds(req, omni)
+        if max_tokens is None:  # room for fast speech: ~10 tokens per second of audio
+            req.sampling.max_new_tokens = int(64 + 10 * seconds)
+        req.request_id = new_id(task)
+        stream_ = st.engine.add(req)
+        pipe = TextPipeline(_decoder(omni), [], parse_tools=False)
+        lps: list[float] = []
+        try:
+            async for ev in stream_:
+                pipe.feed(ev.token_ids)
+                lps.extend(e["logprob"] for e in ev.logprobs)
+        finally:
+            stream_.abort()
+        pipe.finish()
+        m = st.metrics
+        if stream_.first_token_at is not None:
+            m.ttft.labels(m.model).observe(stream_.first_token_at - arrival)
+        m.generation_tokens.labels(m.model).inc(stream_.num_tokens)
+        m.prompt_tokens.labels(m.model).inc(len(req.prompt_ids))
+        text = (pipe.all_content or pipe.all_reasoning).strip()
+        return text, seconds, req, stream_, lps
+
+    try:
+        result = await _until_disconnect(request, work())
+    finally:
+        release()
+    if isinstance(result, Response):
+        return result
+    text, seconds, req, stream_, lps = result
+    st.metrics.e2e.labels(st.model_name).observe(time.perf_counter() - arrival)
+    if response_format == "text":
+        return PlainTextResponse(text + "\n" if text else "")
+    if response_format == "srt":
+        return PlainTextResponse(f"1\n{_timestamp(0, ',')} --> {_timestamp(seconds, ',')}\n{text}\n\n",
+                                 media_type="application/x-subrip")
+    if response_format == "vtt":
+        return PlainTextResponse(f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(seconds, '.')}\n{text}\n\n",
+                                 media_type="text/vtt")
+    usage = {"type": "tokens", "input_tokens": len(req.prompt_ids), "output_tokens": stream_.num_tokens,
+             "total_tokens": len(req.prompt_ids) + stream_.num_tokens}
+    if response_format == "json":
+        return {"text": text, "usage": usage}
+    raw = text.encode("utf-8")
+    segment = {
+        "id": 0, "seek": 0, "start": 0.0, "end": round(seconds, 3), "text": text, "tokens": list(stream_.req.output_ids),
+        "temperature": temperature, "avg_logprob": float(np.mean(lps)) if lps else 0.0,
+        "compression_ratio": len(raw) / max(len(zlib.compress(raw)), 1) if raw else 0.0, "no_speech_prob": 0.0,
+    }
+    return {"task": "transcribe" if task == "transcribe" else "translate",
+            "language": (lang or "unknown").lower() if task == "transcribe" else "english",
+            "duration": round(seconds, 3), "text": text, "segments": [segment], "usage": usage}
+
+
+@router.post("/v1/audio/transcriptions")
+async def transcriptions(
+    request: Request,
+    file: UploadFile = File(...),
+    model: str | None = Form(None),
+    language: str | None = Form(None),
+    prompt: str | None = Form(None),
+    response_format: str = Form("json"),
+    temperature: float = Form(0.0),
+    max_tokens: int | None = Form(None),
+    stream: bool = Form(False),
+    st: ServerState = Depends(api),
+):
+    return await _transcribe("transcribe", request, st, file, model, language, prompt, response_format, temperature,
+                             max_tokens, stream)
+
+
+@router.post("/v1/audio/translations")
+async def translations(
+    request: Request,
+    file: UploadFile = File(...),
+    model: str | None = Form(None),
+    language: str | None = Form(None),
+    prompt: str | None = Form(None),
+    response_format: str = Form("json"),
+    temperature: float = Form(0.0),
+    max_tokens: int | None = Form(None),
+    st: ServerState = Depends(api),
+):
+    return await _transcribe("translate", request, st, file, model, language, prompt, response_format, temperature,
+                             max_tokens, False)
+
+
