@@ -248,7 +248,7 @@ def _image_tensor(image: Any, index: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"image #{index}: an array image must be uint8 [H, W, 3] (got {image.dtype} {image.shape})")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
     raise InputError(f"image #{index}: unsupported type {type(image).__name__}; load it with load_image first")
 
 

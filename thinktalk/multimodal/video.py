@@ -348,7 +348,9 @@ def _video_tensor(video: Any) -> torch.Tensor:
     if isinstance(video, np.ndarray):
         if video.ndim != 4:
             raise InputError(f"{describe(video, 'video')}: frames must be [T, H, W, C]")
-        x = torch.from_numpy(np.ascontiguousarray(video))
+        if not video.flags.writeable or not video.flags.c_contiguous:
+            video = np.array(video, copy=True)  # torch needs a writable, contiguous buffer
+        x = torch.from_numpy(video)
         if x.shape[-1] in (1, 3, 4):
             x = x.permute(0, 3, 1, 2).contiguous()
     elif isinstance(video, torch.Tensor):
