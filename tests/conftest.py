@@ -87,7 +87,7 @@ def media(tmp_path_factory):
     with wave.open(str(files["audio"]), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes((tone * 32767).astype("<i2").tobytes())
-    frames = np.stack([np.full((64, 96, 3), 20 * i, dtype=np.uint8) + rng.integers(0, 30, (64, 96, 3), dtype=np.uint8)
+    frames = np.stack([np.full((64, 96, 3), 10 * i, dtype=np.uint8) + rng.integers(0, 30, (64, 96, 3), dtype=np.uint8)
                        for i in range(20)])
     t2 = np.arange(2 * 16000) / 16000
     files["video"] = _write_av(root / "clip.mp4", video=frames, audio=0.3 * np.sin(2 * np.pi * 330 * t2), fps=10)

@@ -220,15 +220,29 @@ class Omni:
 
     # -- speech -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def speak(self, req: Request) -> tuple[torch.Tensor, np.ndarray]:
-        """Talker + code predictor over the finished answer, then code2wav (reference path)."""
-        from .speech import generate_codes
+    def speak(self, req: Request, greedy: bool | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Talker + code predictor over the finished answer, then code2wav (reference path).
+
+        greedy: argmax talker and code predictor (default: when the thinker itself was greedy).
+        """
+        from .speech import TalkerSampling, generate_codes
 
         layer = self.cfg.talker_config.accept_hidden_layer
         embeds = torch.cat(req.capture[0])
         hidden = torch.cat(req.capture[layer])
-        ids = torch.tensor(req.prompt_ids + req.output_ids[: embeds.shape[0] - len(req.prompt_ids)], device=self.device)
-        codes = generate_codes(self.model.talker, embeds, hidden, ids, req.speaker, self.cfg)
+        ids = torch.tensor(req.prompt_ids + req.output_ids, device=self.device)
+        greedy = req.sampling.greedy if greedy is None else greedy
+        generator = None
+        if req.sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        codes = generate_codes(
+            self.model.talker, embeds, hidden, ids, req.speaker, self.cfg,
+            embed_tokens=self.model.thinker.model.embed_tokens, prompt_len=len(req.prompt_ids),
+            sampling=TalkerSampling(do_sample=not greedy), generator=generator,
+            eos_token_ids=sorted(self.engine.eos_token_ids), mm=getattr(req, "mm_inputs", None),
+        )
+        if codes.shape[-1] == 0:
+            return codes, np.zeros(0, dtype=np.float32)
         wav = self.model.code2wav.chunked_decode(codes[None])
         return codes, wav.flatten().float().cpu().numpy()
 
