@@ -219,11 +219,14 @@ class Omni:
         return counts
 
     # -- speech -------------------------------------------------------------------------------
+    from .tts import forced_prefill, say, speech_request  # text-to-speech methods, in tts.py
+
     @torch.inference_mode()
-    def speak(self, req: Request, greedy: bool | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    def speak(self, req: Request, greedy: bool | None = None, max_frames: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Talker + code predictor over the finished answer, then code2wav (reference path).
 
         greedy: argmax talker and code predictor (default: when the thinker itself was greedy).
+        max_frames: at most this many codec frames (12.5 per second of speech; default: the talker's limit).
         """
         from .speech import TalkerSampling, generate_codes
 
@@ -240,6 +243,7 @@ class Omni:
             embed_tokens=self.model.thinker.model.embed_tokens, prompt_len=len(req.prompt_ids),
             sampling=TalkerSampling(do_sample=not greedy), generator=generator,
             eos_token_ids=sorted(self.engine.eos_token_ids), mm=getattr(req, "mm_inputs", None),
+            max_new_tokens=None if max_frames is None else max_frames + 1,  # the last code is never fed back
         )
         if codes.shape[-1] == 0:
             return codes, np.zeros(0, dtype=np.float32)
