@@ -181,6 +181,8 @@ def serve(
     allow_remote_media: bool = typer.Option(False, "--allow-remote-media", help="fetch http(s) media URLs"),
     allowed_local_media_path: Optional[Path] = typer.Option(
         None, help="serve file:// and path media only from under this folder"),
+    max_speech_seconds: Optional[float] = typer.Option(
+        None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),
 ):
     """OpenAI-compatible HTTP server: chat (text, image, audio, video in; text and speech out), speech,
     transcriptions, translations; /health, /metrics and a web page at /."""
@@ -202,6 +204,7 @@ def serve(
         model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
         device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
+        max_speech_s=max_speech_seconds,
     )
     raise typer.Exit(run_server(opts))
 

@@ -89,12 +89,13 @@ def forced_prefill(self: "Omni", req: Request) -> None:
     req.finish_reason = "stop"
 
 
-def say(self: "Omni", text: str, speaker: str = "Ethan", *, instructions: str | None = None) -> "Result":
+def say(self: "Omni", text: str, speaker: str = "Ethan", *, instructions: str | None = None,
+        max_frames: int | None = None) -> "Result":
     """Speak `text` with `speaker` (Python API; drives the thinker directly, like `generate`)."""
     from .api import Result
 
     req = speech_request(self, text, speaker, instructions=instructions)
     forced_prefill(self, req)
-    codes, audio = self.speak(req)
+    codes, audio = self.speak(req, max_frames=max_frames)
     return Result(text=text, token_ids=list(req.output_ids), finish_reason="stop", prompt_tokens=len(req.prompt_ids),
                   audio=audio, codes=codes)

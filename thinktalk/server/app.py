@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import threading
@@ -38,6 +39,7 @@ from .protocol import APIError, error_body
 log = logging.getLogger("thinktalk.server")
 
 DEMO_MODEL_NAME = "thinktalk-demo-tiny-random"
+SAMPLE_RATE = 24000  # of the speech the model makes
 _ENDPOINTS = ("/v1/chat/completions", "/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations",
               "/v1/models", "/health", "/metrics", "/")
 
@@ -56,6 +58,7 @@ class ServeOptions:
     allow_remote_media: bool = False
     allowed_local_media_path: Path | None = None
     drain_timeout_s: float = 30.0
+    max_speech_s: float | None = None  # cap on one spoken answer (None: the talker's own limit)
 
 
 class ServerState:
@@ -90,6 +93,13 @@ class ServerState:
         self.exit_code = 0
         self.uvicorn = None  # the uvicorn.Server, to stop it
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def max_speech_frames(self) -> int | None:
+        if self.opts.max_speech_s is None or self.omni is None or self.omni.model.code2wav is None:
+            return None
+        frames_per_s = SAMPLE_RATE / self.omni.model.code2wav.total_upsample
+        return max(1, math.ceil(self.opts.max_speech_s * frames_per_s))
 
     # -- state -----------------------------------------------------------------------------------
     @property

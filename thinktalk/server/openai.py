@@ -30,7 +30,7 @@ from ..audio_out import MEDIA_TYPES, encode, to_pcm16
 from ..errors import ContextLengthError, InputError, MediaError
 from ..request import Request as EngineRequest
 from ..request import sampling_from
-from .app import ServerState
+from .app import SAMPLE_RATE, ServerState
 from .async_engine import RequestStream
 from .media import convert_messages
 from .outputs import ParsedToolCall, Pieces, TextPipeline
@@ -255,20 +255,21 @@ async def _until_disconnect(request: Request, work):
             task.cancel()
 
 
-async def _synthesize(st: ServerState, req: EngineRequest) -> np.ndarray:
-    """Talker + code2wav for a finished request (speech pool). An empty answer speaks nothing."""
+async def _synthesize(st: ServerState, req: EngineRequest) -> tuple[np.ndarray, int]:
+    """Talker + code2wav for a finished request (speech pool) -> (waveform, codec frames).
+    An empty answer speaks nothing."""
     t0 = time.perf_counter()
     try:
-        _codes, wav = await st.run_speech(st.omni.speak, req)
+        codes, wav = await st.run_speech(lambda: st.omni.speak(req, max_frames=st.max_speech_frames))
     except InputError as exc:
         log.info("no speech for %s: %s", req.request_id, exc)
-        return np.zeros(0, dtype=np.float32)
-    seconds = len(wav) / 24000
+        return np.zeros(0, dtype=np.float32), 0
+    seconds = len(wav) / SAMPLE_RATE
     if seconds > 0:
         m = st.metrics
         m.rtf.labels(m.model).observe((time.perf_counter() - t0) / seconds)
         m.audio_seconds.labels(m.model).inc(seconds)
-    return np.asarray(wav, dtype=np.float32)
+    return np.asarray(wav, dtype=np.float32), int(codes.shape[-1])
 
 
 class _SSE(StreamingResponse):
@@ -321,6 +322,7 @@ class _Choice:
     finish_reason: str | None = None
     audio_id: str = field(default_factory=lambda: new_id("audio"))
     wav: np.ndarray | None = None
+    frames: int = 0  # codec frames of the spoken answer
 
 
 @dataclass
@@ -357,10 +359,10 @@ class _Chat:
                 reason = "tool_calls"
             self._observe(ch.stream)
             if self.voice is not None:
-                ch.wav = await _synthesize(self.st, ch.stream.req)
+                ch.wav, ch.frames = await _synthesize(self.st, ch.stream.req)
                 if self.body.stream:
                     pcm = await self.st.run_cpu(to_pcm16, ch.wav)
-                    step = int(AUDIO_CHUNK_S * 24000) * 2
+                    step = int(AUDIO_CHUNK_S * SAMPLE_RATE) * 2
                     for start in range(0, max(len(pcm), 1), step):
                         yield _Update(audio=pcm[start : start + step])
             ch.finish_reason = reason
@@ -432,7 +434,7 @@ class _Chat:
     def usage(self) -> Usage:
         completion = sum(ch.stream.num_tokens for ch in self.choices)
         reasoning = sum(ch.pipe.reasoning_tokens for ch in self.choices)
-        audio_frames = sum(int(round(len(ch.wav) / 1920)) for ch in self.choices if ch.wav is not None)
+        audio_frames = sum(ch.frames for ch in self.choices)
         m = self.by_modality
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion,
@@ -572,7 +574,7 @@ async def _complete_chat(chat: _Chat) -> JSONResponse:
 
 
 def _encode_b64(wav: np.ndarray, fmt: str) -> str:
-    return base64.b64encode(encode(wav, 24000, fmt)).decode("ascii")
+    return base64.b64encode(encode(wav, SAMPLE_RATE, fmt)).decode("ascii")
 
 
 async def _stream_chat(chat: _Chat) -> AsyncIterator[str]:
@@ -652,8 +654,8 @@ async def speech(body: SpeechRequest, request: Request, st: ServerState = Depend
             raise ContextLengthError(f"the text is too long ({len(req.prompt_ids)} tokens with its prompt)",
                                      param="input")
         await st.engine.call(lambda: tts.forced_prefill(omni, req))
-        wav = await _synthesize(st, req)
-        data = await st.run_cpu(encode, wav, 24000, fmt)
+        wav, _ = await _synthesize(st, req)
+        data = await st.run_cpu(encode, wav, SAMPLE_RATE, fmt)
         st.metrics.first_audio.labels(st.model_name).observe(time.perf_counter() - arrival)
         return data
 

@@ -92,7 +92,8 @@ class ReasoningSplitter:
     """
 
     def __init__(self):
-        self.state = "start"  # start -> reasoning -> answer_start -> answer, or start -> answer
+        # start -> reasoning_start -> reasoning -> answer_start -> answer, or start -> answer
+        self.state = "start"
         self.buf = ""
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -103,12 +104,18 @@ class ReasoningSplitter:
             if self.state == "start":
                 head = self.buf.lstrip()
                 if head.startswith(THINK_OPEN):
-                    self.buf = head[len(THINK_OPEN) :].lstrip("\n")
-                    self.state = "reasoning"
+                    self.buf = head[len(THINK_OPEN) :]
+                    self.state = "reasoning_start"
                     continue
                 if THINK_OPEN.startswith(head):  # blank, or a beginning of <think>: wait
                     return reasoning, content
                 self.state = "answer"
+                continue
+            if self.state in ("reasoning_start", "answer_start"):  # newlines after a tag are layout
+                self.buf = self.buf.lstrip("\n")
+                if not self.buf:
+                    return reasoning, content
+                self.state = "reasoning" if self.state == "reasoning_start" else "answer"
                 continue
             if self.state == "reasoning":
                 end = self.buf.find(THINK_CLOSE)
@@ -121,20 +128,14 @@ class ReasoningSplitter:
                 self.buf = self.buf[end + len(THINK_CLOSE) :]
                 self.state = "answer_start"
                 continue
-            if self.state == "answer_start":
-                self.buf = self.buf.lstrip("\n")
-                if not self.buf:
-                    return reasoning, content
-                self.state = "answer"
-                continue
             content += self.buf
             self.buf = ""
             return reasoning, content
 
     def flush(self) -> tuple[str, str]:
         buf, self.buf = self.buf, ""
-        if self.state == "reasoning":
-            return buf, ""
+        if self.state in ("reasoning_start", "reasoning"):
+            return (buf.lstrip("\n") if self.state == "reasoning_start" else buf), ""
         if self.state == "answer_start":
             return "", ""
         return "", buf
@@ -245,7 +246,7 @@ class TextPipeline:
         self.n_tokens += len(ids)
         before = self.reasoning.state
         pieces = self._route(self.stops.feed(self.detok.add(ids)), final=False)
-        if "reasoning" in (before, self.reasoning.state):
+        if before.startswith("reasoning") or self.reasoning.state.startswith("reasoning"):
             self.reasoning_tokens = self.n_tokens  # up to the token that closed the reasoning
         return pieces
 
