@@ -94,6 +94,15 @@ def _module_of(model: torch.nn.Module, param_name: str) -> torch.nn.Module:
     return model.get_submodule(param_name.rsplit(".", 1)[0])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Many tiny ops: one intra-op thread is faster, and robust on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
@@ -170,6 +179,11 @@ def test_real_config_geometry():
 def test_state_dict_load_and_nontrivial_weights(models):
     hf, ours = models
     assert set(ours.state_dict()) == set(hf.state_dict())
+    fresh = Code2Wav(ConfigNode(dict(TINY)))
+    ckpt = {f"code2wav.{k}": v for k, v in hf.state_dict().items()}
+    ckpt["talker.model.norm.weight"] = torch.ones(1)  # other components' tensors are ignored
+    fresh.load_checkpoint_tensors(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.state_dict().values()))
     sd = ours.state_dict()
     assert sd["pre_transformer.layers.0.self_attn_layer_scale.scale"].min() > 0.1
     assert sd["upsample.0.1.gamma"].min() > 0.1
@@ -261,9 +275,19 @@ SCHEDULES = [(4, 25, 50), (1,), (3, 7), (2, 5, 11)]
 PUSHES = {(4, 25, 50): (1,), (1,): (1,), (3, 7): (5, 1, 9), (2, 5, 11): (64,)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "sched" + "-".join(map(str, s)))
-@pytest.mark.parametrize("t", LENGTHS)
+# All lengths x schedules in float32, except frame-by-frame decoding (schedule (1,)) only up to
+# T = 60; float64 for two schedules. (Test time on 2 cores.)
+STREAM_CASES = [
+    pytest.param(t, sched, dtype, id=f"T{t}-sched{'-'.join(map(str, sched))}-{str(dtype)[6:]}")
+    for dtype in (torch.float32, torch.float64)
+    for sched in SCHEDULES
+    for t in LENGTHS
+    if not (sched == (1,) and (t > 60 or dtype == torch.float64))
+    and not (dtype == torch.float64 and sched == (2, 5, 11))
+]
+
+
+@pytest.mark.parametrize("t,schedule,dtype", STREAM_CASES)
 def test_stream_exact_equals_oneshot(by_dtype, schedule, t, dtype):
     hf, ours, oneshot = by_dtype[dtype]
     codes, ref, mine = oneshot[t]
@@ -304,7 +328,7 @@ def test_stream_exact_batched_and_reusable(models):
 @pytest.mark.parametrize("chunk,ctx", [(300, 25), (16, 5), (20, 24), (1, 3)])
 def test_stream_reference_mode_equals_hf_chunked_decode(models, oneshot, chunk, ctx):
     hf, ours = models
-    codes = oneshot[60][0]
+    codes = oneshot[60 if chunk > 1 else 17][0]
     with torch.no_grad():
         ref = hf.chunked_decode(codes, chunk_size=chunk, left_context_size=ctx)
     wav, _ = _run_stream(Code2WavStream(ours, (chunk,), exact=False, left_context_size=ctx), codes, (7,))
@@ -313,9 +337,10 @@ def test_stream_reference_mode_equals_hf_chunked_decode(models, oneshot, chunk, 
     assert err < ATOL
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_context_rule_is_tight(by_dtype, dtype):
-    """One frame less of either context breaks exactness; the default rule is exact."""
+def test_context_rule_is_tight(by_dtype):
+    """One frame less of either context breaks exactness; the default rule is exact. In float64,
+    where exact means ~1e-9 here (float32 noise would be ~1e-5, comparable to the conv effect)."""
+    dtype = torch.float64
     _, ours, oneshot = by_dtype[dtype]
     codes, _, full = oneshot[130]
     tf, conv = ours.transformer_context_frames, ours.conv_context_frames
@@ -329,5 +354,5 @@ def test_context_rule_is_tight(by_dtype, dtype):
         errs[name] = _max_err(wav, full)
         _report(f"stream {dtype} context {name}", errs[name])
     assert errs["exact"] < STREAM_ATOL[dtype]
-    assert errs["conv_ctx-1"] > 1e-5
+    assert errs["conv_ctx-1"] > 1000 * errs["exact"] and errs["conv_ctx-1"] > 1e-5
     assert errs["tf_ctx-1"] > 1e-3

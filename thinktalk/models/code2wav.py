@@ -399,6 +399,11 @@ class Code2Wav(nn.Module):
         self.decoder = nn.ModuleList(decoder)
         self._rf = receptive_field(config)
 
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "code2wav.") -> None:
+        """Load a checkpoint's `code2wav.*` tensors (other keys are ignored), strictly."""
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.load_state_dict(own, strict=True)
+
     # -- geometry ---------------------------------------------------------------------------
     @property
     def total_upsample(self) -> int:
@@ -430,8 +435,8 @@ class Code2Wav(nn.Module):
 
         RoPE is relative, so `position_offset` changes the result only by float rounding; the
         exact stream passes the window's absolute frame index to round like the one-shot decode."""
-        if codes.dim() != 3 or codes.shape[1] != self.num_quantizers:
-            raise ValueError(f"code2wav expects codes [B, {self.num_quantizers}, T], got {tuple(codes.shape)}")
+        if codes.dim() != 3 or codes.shape[1] != self.num_quantizers or codes.shape[2] == 0:
+            raise ValueError(f"code2wav expects codes [B, {self.num_quantizers}, T >= 1], got {tuple(codes.shape)}")
         h = self.code_embedding(codes + self.code_offset).mean(1)
         return self.pre_transformer(h, position_offset)
 
