@@ -133,7 +133,7 @@ class TalkerPrompt:
     embeds: torch.Tensor  # [L, H_talker] prefill inputs
     input_ids: torch.Tensor  # [L] user-part thinker ids then tts_pad ids (what the talker's rope index reads)
     positions: torch.Tensor  # [3, L] M-RoPE positions of the prefill
-    rope_delta: int  # decode step k (0-based) sits at position L + k + rope_delta
+    rope_delta: float  # decode step k (0-based) sits at position L + k + rope_delta
     trailing: torch.Tensor  # [K, H_talker] text embedding added at decode step k < K
     tts_pad: torch.Tensor  # [H_talker] added at decode steps k >= K
 
@@ -157,7 +157,7 @@ def _assistant_start(prompt_ids: torch.Tensor, cfg: ConfigNode) -> int:
 
 def talker_rope_index(
     talker_ids: torch.Tensor, cfg: ConfigNode, mm: dict | None = None
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, float]:
     """M-RoPE positions [3, L] and decode delta of the talker's prefill.
 
     Like transformers, only images/videos (grids given) make the talker's positions 3-D; text and
@@ -177,7 +177,8 @@ def talker_rope_index(
         ids, mm.get("image_grid_thw"), mm.get("video_grid_thw"), torch.ones_like(ids), False, audio_lens,
         mm.get("video_second_per_grid"), config=cfg.thinker_config,
     )
-    return positions[:, 0].long(), int(torch.as_tensor(delta).flatten()[0])
+    # float like the reference's (video time positions may be fractional)
+    return positions[:, 0], float(torch.as_tensor(delta).flatten()[0])
 
 
 @torch.no_grad()
@@ -319,7 +320,7 @@ def generate_codes(
         frames.append(codes[0])
         text = prompt.trailing[step] if step < prompt.trailing.shape[0] else prompt.tts_pad
         embeds = embeds + text
-        pos = torch.full((3, 1), n + step + prompt.rope_delta, dtype=torch.long, device=device)
+        pos = torch.full((3, 1), n + step + prompt.rope_delta, device=device)
         hidden, logits = talker_step(talker, embeds, pos, ContiguousKV([cache], [1]), [1])
     if not frames:
         return torch.empty(talker.num_code_groups, 0, dtype=torch.long, device=device)

@@ -40,6 +40,16 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def pair():
+    # tiny matrices: one thread is several times faster than two fighting over a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _build()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build():
     d = tiny_config_dict("instruct")
     hf_cfg = hf_cfg_mod.Qwen3OmniMoeConfig(**d).talker_config.code_predictor_config
     hf = hf_mod.Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration(hf_cfg).float().eval()
