@@ -18,6 +18,9 @@ from thinktalk.multimodal.video import load_video
 
 SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
           "auditory and visual inputs, as well as generating text and speech.")
+# transformers' processor calls np.arange on 0-d tensors, which numpy 2 flags
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
@@ -264,3 +267,14 @@ def test_rope_index_video_positions_follow_time(processor, thinker_config):
     t = pos[0, 0, vid].unique().tolist()
     start = float(pos[0, 0, 2])  # first video token: after "x" and <|vision_start|>
     assert [v - start for v in t] == [0.0, thinker_config.position_id_per_seconds * 1.0]
+
+
+def test_video_as_list_of_frames(processor, mm_files):
+    frames = [make_image(60, 40, seed=30 + i) for i in range(3)]
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames, "sample_fps": 1.0},
+                                             {"type": "text", "text": "what happens?"}]}]
+    out = processor.prepare_messages(messages)
+    assert out["video_grid_thw"][0, 0].item() == 2  # 3 frames padded to 4 -> 2 temporal patches
+    assert out["video_second_per_grid"].tolist() == [2.0]
+    with pytest.raises(Exception, match="no audio track"):
+        processor.prepare_messages(messages, use_audio_in_video=True)

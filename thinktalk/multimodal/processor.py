@@ -508,24 +508,20 @@ class OmniProcessor:
         t, h, w = (int(v) for v in grid)
         per_frame = (h // merge) * (w // merge)
         video_times = np.repeat(np.arange(t), per_frame) * second_per_grid * self.position_id_per_seconds
-        # audio token j sits at time j; a video token goes first when its time is <= the audio's, so
-        # video token k is preceded by the audio tokens j < its time (the streams are sorted).
+        # Audio token j sits at time j. Merging the two sorted streams with video first on ties puts
+        # before video token k exactly the audio tokens with j < its time.
         audio_before = np.minimum(np.searchsorted(np.arange(n_audio), video_times, side="left"), n_audio)
         parts = [self.vision_bos_token, self.audio_bos_token]
-        done = 0
-        runs = np.diff(np.concatenate([[0], audio_before]))
-        # group consecutive video tokens with no audio between them
-        k = 0
-        while k < len(video_times):
-            if runs[k]:
-                parts.append(self.audio_token * int(runs[k]))
-                done += int(runs[k])
-            j = k + 1
-            while j < len(video_times) and runs[j] == 0:
-                j += 1
-            parts.append(self.video_token * (j - k))
-            k = j
-        parts.append(self.audio_token * (n_audio - done))
+        placed = 0
+        run_start = 0  # first video token of the current run (no audio between its tokens)
+        for k in range(1, len(video_times) + 1):
+            if k == len(video_times) or audio_before[k] != audio_before[run_start]:
+                if audio_before[run_start] != placed:
+                    parts.append(self.audio_token * int(audio_before[run_start] - placed))
+                    placed = int(audio_before[run_start])
+                parts.append(self.video_token * (k - run_start))
+                run_start = k
+        parts.append(self.audio_token * (n_audio - placed))
         parts += [self.audio_eos_token, self.vision_eos_token]
         return "".join(parts)
 
@@ -565,9 +561,15 @@ class OmniProcessor:
                         audios.append(load_audio(_part_source(part, "audio"), self.mel.sampling_rate,
                                                  start=part.get("audio_start"), end=part.get("audio_end")))
                     elif kind == "video":
+                        source = _part_source(part, "video")
+                        if isinstance(source, (list, tuple)):  # a video given as a list of frames
+                            source = _frames_from_images(source, part, recipe_resize)
+                            rate = part.get("sample_fps", 2.0)
+                        else:
+                            rate = part.get("fps", 2.0)
                         clip = load_video(
-                            _part_source(part, "video"),
-                            fps=part.get("fps", 2.0) if part.get("nframes") is None else None,
+                            source,
+                            fps=rate,
                             nframes=part.get("nframes"),
                             min_frames=part.get("min_frames", 4),
                             max_frames=part.get("max_frames"),
@@ -583,6 +585,8 @@ class OmniProcessor:
                         )
                         videos.append(clip)
                         if use_audio_in_video:
+                            if clip.audio is None:
+                                raise MediaError("use_audio_in_video: a video given as frames has no audio track")
                             audios.append(clip.audio)
         return audios, images, videos
 
@@ -619,6 +623,19 @@ class OmniProcessor:
         return self(text, images=images or None, audio=audios or None, videos=videos or None,
                     use_audio_in_video=use_audio_in_video, fps=fps, padding=True, padding_side=padding_side,
                     video_float=recipe_resize)
+
+
+def _frames_from_images(items: Sequence[Any], part: dict[str, Any], recipe_resize: bool) -> np.ndarray:
+    """A video given as images (qwen-omni-utils runs each through fetch_image first)."""
+    frames = []
+    for item in items:
+        image = load_image(item)
+        frames.append(np.asarray(_recipe_image(image, part) if recipe_resize else image))
+    if not frames:
+        raise InputError("a video given as a list of frames has no frames")
+    if any(f.shape != frames[0].shape for f in frames):
+        raise InputError("the frames of a video given as a list of images must all have the same size")
+    return np.stack(frames)
 
 
 def _recipe_image(image: Any, part: dict[str, Any]) -> Any:
