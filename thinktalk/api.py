@@ -88,16 +88,23 @@ class Omni:
         talker: bool = True,
         engine_config: EngineConfig | None = None,
         progress: bool = True,
+        quantization=None,
     ) -> "Omni":
-        """Load a checkpoint folder; without one, the demo model (made on first use)."""
+        """Load a checkpoint folder; without one, the demo model (made on first use).
+
+        dtype: torch dtype or "bfloat16" / "float16" / "float32"; quantization: None, "fp8",
+        "int8", "int4" or a weights.quant.QuantConfig (pre-quantized checkpoints need none).
+        """
         from .multimodal.processor import OmniProcessor
         from .weights.loader import load_model
 
         path = Path(model) if model is not None else demo_model_path()
         device = torch.device(device) if device is not None else default_device()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        net = load_model(path, device=device, dtype=dtype, with_talker=talker, progress=progress)
+        net = load_model(path, device=device, dtype=dtype, with_talker=talker, progress=progress, quantization=quantization)
         return cls(net, OmniProcessor.from_pretrained(path), path, engine_config)
 
     @property
@@ -164,6 +171,7 @@ class Omni:
         preset: str | None = None,
         use_audio_in_video: bool = False,
         enable_thinking: bool | None = None,
+        speech_max_frames: int | None = None,
         **sampling: Any,
     ) -> Result | list[Result]:
         """One conversation -> Result; a list of conversations -> list of Results (batched)."""
@@ -176,6 +184,7 @@ class Omni:
             for conv in conversations
         ]
         for req in reqs:
+            req.speech_max_frames = speech_max_frames
             self.engine.add_request(req)
         while any(r.finish_reason is None for r in reqs):
             self.engine.step()
@@ -235,6 +244,7 @@ class Omni:
         hidden = torch.cat(req.capture[layer])
         ids = torch.tensor(req.prompt_ids + req.output_ids, device=self.device)
         greedy = req.sampling.greedy if greedy is None else greedy
+        max_frames = req.speech_max_frames if max_frames is None else max_frames
         generator = None
         if req.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)

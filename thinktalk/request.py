@@ -89,6 +89,7 @@ class Request:
     sampling: SamplingParams
     mm: Any = None  # models.thinker.MultimodalInputs of this prompt, or None
     speaker: str | None = None  # set: speak the answer with this voice
+    speech_max_frames: int | None = None  # cap on codec frames (12.5/s); None: the talker's default
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     # filled by the engine
     output_ids: list[int] = field(default_factory=list)

@@ -59,3 +59,35 @@ def test_batch_of_three_equals_each_alone(pair, media):
     alone = [ours.generate(c, temperature=0, max_new_tokens=16).token_ids for c in convs]
     together = [r.token_ids for r in ours.generate(convs, temperature=0, max_new_tokens=16)]
     assert together == alone
+
+
+@pytest.mark.parametrize("voice", ["Ethan", "Chelsie", "Aiden"])
+def test_speech_codes_equal_transformers(pair, media, voice):
+    """Greedy thinker and talker: identical codec codes; the waveform close to transformers'."""
+    hf, ours = pair
+    messages = _messages(media, "image")
+    inputs = ours.processor.prepare_messages(messages)
+    captured = {}
+    original = hf.code2wav.chunked_decode
+
+    def spy(codes, *a, **k):
+        captured["codes"] = codes
+        return original(codes, *a, **k)
+
+    hf.code2wav.chunked_decode = spy
+    try:
+        with torch.no_grad():
+            seqs, wav = hf.generate(
+                **{k: v for k, v in inputs.items() if v is not None}, speaker=voice, thinker_max_new_tokens=12,
+                thinker_do_sample=False, talker_do_sample=False, talker_max_new_tokens=24,
+            )
+    finally:
+        hf.code2wav.chunked_decode = original
+    got = ours.generate(messages, speaker=voice, temperature=0, max_new_tokens=12, speech_max_frames=23)  # = talker_max_new_tokens - 1
+    assert got.token_ids == seqs[0, inputs["input_ids"].shape[1]:].tolist()
+    assert torch.equal(got.codes.cpu(), captured["codes"][0])
+    ref = wav.flatten().numpy()
+    assert got.audio.shape == ref.shape and got.audio.shape[0] > 0
+    err = float(abs(got.audio - ref).max())
+    print(f"{voice}: {got.codes.shape[1]} frames, waveform max abs error {err:.2e}")
+    assert err < 1e-4
