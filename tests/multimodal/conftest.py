@@ -13,9 +13,7 @@ import shutil
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-
 from mm_synth import AUDIO_FORMATS, gradient_frames, make_image, tone, write_audio, write_video
 
 from thinktalk.config import ASSETS, reference_config

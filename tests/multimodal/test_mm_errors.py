@@ -120,7 +120,7 @@ def test_extreme_aspect_ratio(processor):
 def test_placeholder_mismatch(processor):
     with pytest.raises(InputError, match="1 image placeholders but 2 image inputs"):
         processor("<|vision_start|><|image_pad|><|vision_end|>", images=[make_image(32, 32), make_image(32, 32)])
-    with pytest.raises(InputError, match="more audio placeholders"):
+    with pytest.raises(InputError, match="1 audio placeholders but 0 audio inputs"):
         processor("<|audio_start|><|audio_pad|><|audio_end|>")
     with pytest.raises(InputError, match="use_audio_in_video"):
         processor("<|video_pad|>", videos=[gradient_frames(2, 32, 32)], audio=[tone(1.0)], use_audio_in_video=True)

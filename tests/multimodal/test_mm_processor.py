@@ -184,6 +184,14 @@ def test_mixed_batch(compare, assets):
             videos=[assets["video"].frames], fps=2.0)
 
 
+def test_audio_in_video_batch(compare, assets):
+    clip = assets["video"]
+    short = gradient_frames(4, 48, 80, seed=31)
+    texts = [f"{VIDEO}", f"{AUDIO} {VIDEO} and {VISION}"]
+    compare("audio_in_video batch", texts, videos=[clip.frames, short], images=[assets["image"]],
+            audio=[clip.audio, assets["audio"], tone(1.7, freq=500)], use_audio_in_video=True, fps=2.0)
+
+
 def test_audio_only_batch_uses_text_positions(compare, assets):
     compare("audio batch", [f"a{AUDIO}b", "c"], audio=[assets["audio"]])
 

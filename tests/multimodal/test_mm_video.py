@@ -55,7 +55,7 @@ def test_decoded_frames_match_transformers_pyav_reader(mm_files):
     for key in ("video", "video_short"):
         clip = load_video(mm_files[key], resize=False)
         indices = clip.metadata.frames_indices
-        ref, meta = read_video_pyav(str(mm_files[key]), sample_indices_fn=lambda metadata, **_: indices)
+        ref, meta = read_video_pyav(str(mm_files[key]), sample_indices_fn=lambda metadata, _i=indices, **_: _i)
         assert np.array_equal(clip.frames, ref)
         # mp4 stores a frame count; mkv does not (transformers then reports 0), so we count packets
         assert meta.total_num_frames == (clip.metadata.total_num_frames if key == "video" else 0)

@@ -224,7 +224,8 @@ def _mel_to_hertz_slaney(mels: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def mel_filter_bank(n_fft: int, n_mels: int, sampling_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
+def mel_filter_bank(n_fft: int, n_mels: int, sampling_rate: int, f_min: float = 0.0,
+                    f_max: float | None = None) -> np.ndarray:
     """Slaney-scale, Slaney-normalised triangular mel filters, float64 [n_fft // 2 + 1, n_mels]."""
     f_max = sampling_rate / 2 if f_max is None else f_max
     n_freqs = n_fft // 2 + 1

@@ -128,13 +128,17 @@ def resolve_source(source: Any, kind: str = "media") -> MediaBlob:
         if parsed.netloc and parsed.netloc != "localhost":
             text = f"//{parsed.netloc}{text}"
     path = Path(text).expanduser()
-    if not path.exists():
-        raise MediaError(f"{label}: file not found")
-    if path.is_dir():
-        raise MediaError(f"{label}: is a directory, not a file")
-    if not os.access(path, os.R_OK):
-        raise MediaError(f"{label}: file is not readable (permission denied)")
-    if path.stat().st_size == 0:
+    try:
+        if not path.exists():
+            raise MediaError(f"{label}: file not found")
+        if path.is_dir():
+            raise MediaError(f"{label}: is a directory, not a file")
+        if not os.access(path, os.R_OK):
+            raise MediaError(f"{label}: file is not readable (permission denied)")
+        size = path.stat().st_size
+    except OSError as exc:  # e.g. a name too long to be a path (raw base64 without a data: prefix)
+        raise MediaError(f"{label}: not a readable file path ({exc.strerror or exc})") from exc
+    if size == 0:
         raise MediaError(f"{label}: file is empty (0 bytes)")
     return MediaBlob(label=label, path=path)
 
@@ -153,7 +157,8 @@ def open_av(blob: MediaBlob, kind: str) -> Iterator[Any]:
                 fh = blob.open()
                 container = av.open(fh, mode="r")
         except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-            raise MediaError(f"{blob.label}: cannot decode as {kind}: unsupported or corrupt format ({_av_reason(exc)})") from exc
+            reason = _av_reason(exc)
+            raise MediaError(f"{blob.label}: cannot decode as {kind}: unsupported or corrupt format ({reason})") from exc
         try:
             yield container
         finally:

@@ -8,7 +8,7 @@ Same results, dtype (float32) and shapes as transformers 5.17's
 * an audio clip (``<|audio_start|> pads <|audio_end|>``) counts up like text;
 * an image / video of grid (t, h, w) takes, per merged token, ``(start + t_pos, start + row,
   start + col)`` with ``t_pos = t_index * second_per_grid * position_id_per_seconds`` (images use
-  ``second_per_grid = 1``); 
+  ``second_per_grid = 1``);
 * with `use_audio_in_video`, ``<|vision_start|><|audio_start|> ... <|audio_end|><|vision_end|>``
   holds video and audio tokens interleaved by time; the two position streams are merged in the
   same order (a video token goes first when its time position is <= the audio token's);
@@ -98,14 +98,6 @@ def get_rope_index(
         largest = positions.max(0, keepdim=False)[0].max(-1, keepdim=True)[0]
         return positions, largest + 1 - torch.sum(attention_mask, dim=-1, keepdim=True)
 
-    merge = config.vision_config.spatial_merge_size
-    image_id = config.image_token_id
-    video_id = config.video_token_id
-    audio_id = config.audio_token_id
-    vision_start_id = config.vision_start_token_id
-    audio_start_id = config.audio_start_token_id
-    per_second = config.position_id_per_seconds
-    n_window = config.audio_config.n_window
     if second_per_grids is not None and not isinstance(second_per_grids, torch.Tensor):
         second_per_grids = torch.tensor(list(second_per_grids), dtype=torch.float32)
     if audio_seqlens is not None and not isinstance(audio_seqlens, torch.Tensor):
@@ -114,100 +106,125 @@ def get_rope_index(
     keep = attention_mask == 1
     position_ids = torch.zeros(3, input_ids.shape[0], input_ids.shape[1], dtype=torch.float, device=input_ids.device)
     deltas = []
-    image_idx = video_idx = audio_idx = 0
+    walker = _PromptWalker(config, image_grid_thw, video_grid_thw, audio_seqlens, second_per_grids, use_audio_in_video)
     for row in range(input_ids.shape[0]):
         ids = input_ids[row][keep[row]]
-        tokens = ids.tolist()
-        starts = torch.argwhere(ids == vision_start_id).squeeze(1)
-        starts = starts[starts + 1 < len(tokens)]
-        after_start = ids[starts + 1]
-        audio_nums = int((ids == audio_start_id).sum())
-        image_nums = int((after_start == image_id).sum())
-        video_nums = int((after_start == (audio_start_id if use_audio_in_video else video_id)).sum())
-        items = image_nums + audio_nums if use_audio_in_video else image_nums + video_nums + audio_nums
-        left_images, left_videos, left_audios = image_nums, video_nums, audio_nums
-        has_vision = image_id in tokens or video_id in tokens
-        has_audio = audio_id in tokens
-
-        pieces: list[torch.Tensor] = []
-        last_max: Any = None  # max() of the last piece the reference appends
-        cursor = 0  # index into tokens
-
-        def put(piece: torch.Tensor) -> None:
-            nonlocal last_max
-            pieces.append(piece)
-            last_max = piece.max()
-
-        def next_start() -> Any:
-            return last_max + 1 if last_max is not None else 0
-
         try:
-            for _ in range(items):
-                st_idx = next_start()
-                if has_vision and (left_videos > 0 or left_images > 0):
-                    vision_at = tokens.index(vision_start_id, cursor)
-                else:
-                    vision_at = len(tokens) + 1
-                if has_audio and left_audios > 0:
-                    audio_at = tokens.index(audio_start_id, cursor)
-                else:
-                    audio_at = len(tokens) + 1
-                first = min(vision_at, audio_at)
-                text_len = first - cursor
-                if text_len != 0:
-                    put(_run(text_len, st_idx))
-                    st_idx += text_len
-                bos_len = eos_len = 2 if (first == vision_at and vision_at + 1 == audio_at) else 1
-                put(_run(bos_len, st_idx))
-                st_idx += bos_len
-
-                if first == audio_at:
-                    n_audio = audio_token_count(audio_seqlens[audio_idx], n_window)
-                    put(_run(n_audio, st_idx))
-                    cursor += int(text_len + bos_len + n_audio + eos_len)
-                    audio_idx += 1
-                    left_audios -= 1
-                elif first == vision_at and tokens[vision_at + 1] == image_id:
-                    grid = image_grid_thw[image_idx]
-                    t_pos = (torch.arange(grid[0]) * 1 * per_second).float()
-                    put(_vision_positions(st_idx, t_pos, grid[1], grid[2], merge))
-                    cursor += int(text_len + bos_len + grid.prod() // merge**2 + eos_len)
-                    image_idx += 1
-                    left_images -= 1
-                elif first == vision_at and tokens[vision_at + 1] == video_id:
-                    grid = video_grid_thw[video_idx]
-                    spg = second_per_grids[video_idx].cpu().float()
-                    t_pos = (torch.arange(grid[0]) * spg * per_second).float()
-                    put(_vision_positions(st_idx, t_pos, grid[1], grid[2], merge))
-                    cursor += int(text_len + bos_len + grid.prod() // merge**2 + eos_len)
-                    video_idx += 1
-                    left_videos -= 1
-                elif first == vision_at and vision_at + 1 == audio_at:
-                    n_audio = audio_token_count(audio_seqlens[audio_idx], n_window)
-                    audio_pos = _run(n_audio, st_idx)
-                    grid = video_grid_thw[video_idx]
-                    spg = second_per_grids[video_idx].cpu().float()
-                    t_pos = (torch.arange(grid[0]) * spg * per_second).float()
-                    video_pos = _vision_positions(st_idx, t_pos, grid[1], grid[2], merge)
-                    merged, tail = _interleave(video_pos, audio_pos)
-                    pieces.append(merged)
-                    if tail is not None:
-                        last_max = tail.max()
-                    n_video = grid.prod() // merge**2
-                    cursor += int(text_len + bos_len + n_audio + n_video + eos_len)
-                    audio_idx += 1
-                    video_idx += 1
-                    left_videos -= 1
-                    left_audios -= 1
-                put(_run(eos_len, next_start()))
+            positions = walker.positions(ids)
         except (IndexError, ValueError, TypeError) as exc:
             raise InputError(
                 f"prompt {row}: multimodal placeholders do not match the given grids / audio lengths ({exc})"
             ) from exc
-
-        if cursor < len(tokens):
-            put(_run(len(tokens) - cursor, next_start()))
-        positions = torch.cat([p.float() for p in pieces], dim=1).reshape(3, -1)
         position_ids[..., row, keep[row]] = positions.to(position_ids.device)
         deltas.append(positions.max() + 1 - len(ids))
     return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+class _PromptWalker:
+    """Walks prompts in order, consuming image / video / audio items across the whole batch."""
+
+    def __init__(self, config: Any, image_grid_thw: Any, video_grid_thw: Any, audio_seqlens: Any,
+                 second_per_grids: Any, use_audio_in_video: bool):
+        self.merge = config.vision_config.spatial_merge_size
+        self.image_id = config.image_token_id
+        self.video_id = config.video_token_id
+        self.audio_id = config.audio_token_id
+        self.vision_start_id = config.vision_start_token_id
+        self.audio_start_id = config.audio_start_token_id
+        self.per_second = config.position_id_per_seconds
+        self.n_window = config.audio_config.n_window
+        self.image_grid_thw = image_grid_thw
+        self.video_grid_thw = video_grid_thw
+        self.audio_seqlens = audio_seqlens
+        self.second_per_grids = second_per_grids
+        self.use_audio_in_video = use_audio_in_video
+        self.image_idx = self.video_idx = self.audio_idx = 0
+        self.pieces: list[torch.Tensor] = []
+        self.last_max: Any = None  # max() of the last piece the reference appends
+
+    def _put(self, piece: torch.Tensor) -> None:
+        self.pieces.append(piece)
+        self.last_max = piece.max()
+
+    def _next_start(self) -> Any:
+        return self.last_max + 1 if self.last_max is not None else 0
+
+    def _video_positions(self, start: Any) -> tuple[torch.Tensor, Any]:
+        grid = self.video_grid_thw[self.video_idx]
+        spg = self.second_per_grids[self.video_idx].cpu().float()
+        t_pos = (torch.arange(grid[0]) * spg * self.per_second).float()
+        return _vision_positions(start, t_pos, grid[1], grid[2], self.merge), grid.prod() // self.merge**2
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """[3, len(ids)] float positions of one (unpadded) prompt."""
+        tokens = ids.tolist()
+        starts = torch.argwhere(ids == self.vision_start_id).squeeze(1)
+        starts = starts[starts + 1 < len(tokens)]
+        after_start = ids[starts + 1]
+        audio_nums = int((ids == self.audio_start_id).sum())
+        image_nums = int((after_start == self.image_id).sum())
+        video_marker = self.audio_start_id if self.use_audio_in_video else self.video_id
+        video_nums = int((after_start == video_marker).sum())
+        items = image_nums + audio_nums + (0 if self.use_audio_in_video else video_nums)
+        left_images, left_videos, left_audios = image_nums, video_nums, audio_nums
+        has_vision = self.image_id in tokens or self.video_id in tokens
+        has_audio = self.audio_id in tokens
+        self.pieces, self.last_max = [], None
+        cursor = 0  # index into tokens
+
+        for _ in range(items):
+            st_idx = self._next_start()
+            if has_vision and (left_videos > 0 or left_images > 0):
+                vision_at = tokens.index(self.vision_start_id, cursor)
+            else:
+                vision_at = len(tokens) + 1
+            if has_audio and left_audios > 0:
+                audio_at = tokens.index(self.audio_start_id, cursor)
+            else:
+                audio_at = len(tokens) + 1
+            first = min(vision_at, audio_at)
+            text_len = first - cursor
+            if text_len != 0:
+                self._put(_run(text_len, st_idx))
+                st_idx += text_len
+            bos_len = eos_len = 2 if (first == vision_at and vision_at + 1 == audio_at) else 1
+            self._put(_run(bos_len, st_idx))
+            st_idx += bos_len
+
+            if first == audio_at:
+                n_audio = audio_token_count(self.audio_seqlens[self.audio_idx], self.n_window)
+                self._put(_run(n_audio, st_idx))
+                cursor += int(text_len + bos_len + n_audio + eos_len)
+                self.audio_idx += 1
+                left_audios -= 1
+            elif tokens[vision_at + 1] == self.image_id:
+                grid = self.image_grid_thw[self.image_idx]
+                t_pos = (torch.arange(grid[0]) * 1 * self.per_second).float()
+                self._put(_vision_positions(st_idx, t_pos, grid[1], grid[2], self.merge))
+                cursor += int(text_len + bos_len + grid.prod() // self.merge**2 + eos_len)
+                self.image_idx += 1
+                left_images -= 1
+            elif tokens[vision_at + 1] == self.video_id:
+                video_pos, n_video = self._video_positions(st_idx)
+                self._put(video_pos)
+                cursor += int(text_len + bos_len + n_video + eos_len)
+                self.video_idx += 1
+                left_videos -= 1
+            elif vision_at + 1 == audio_at:  # audio in video
+                n_audio = audio_token_count(self.audio_seqlens[self.audio_idx], self.n_window)
+                audio_pos = _run(n_audio, st_idx)
+                video_pos, n_video = self._video_positions(st_idx)
+                merged, tail = _interleave(video_pos, audio_pos)
+                self.pieces.append(merged)
+                if tail is not None:
+                    self.last_max = tail.max()
+                cursor += int(text_len + bos_len + n_audio + n_video + eos_len)
+                self.audio_idx += 1
+                self.video_idx += 1
+                left_videos -= 1
+                left_audios -= 1
+            self._put(_run(eos_len, self._next_start()))
+
+        if cursor < len(tokens):
+            self._put(_run(len(tokens) - cursor, self._next_start()))
+        return torch.cat([p.float() for p in self.pieces], dim=1).reshape(3, -1)

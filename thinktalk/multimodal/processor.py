@@ -76,7 +76,8 @@ def _jinja_environment() -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
@@ -371,6 +372,7 @@ class OmniProcessor:
         images = _flatten(images)
         audio = _flatten(audio)
         videos = _flatten(videos)
+        self._check_counts(texts, len(images), len(audio), len(videos), use_audio_in_video)
 
         out: dict[str, torch.Tensor] = {}
         audio_lengths: list[int] = []
@@ -394,7 +396,7 @@ class OmniProcessor:
             clips = [v if isinstance(v, (VideoClip, np.ndarray, torch.Tensor)) else load_video(v) for v in videos]
             rates = self._video_rates(clips, fps)
             pixels, grids = [], []
-            for clip, rate in zip(clips, rates):
+            for clip, rate in zip(clips, rates, strict=True):
                 pv, grid, spg = preprocess_video(clip, self.video_vision, fps=rate, min_pixels=video_min_pixels,
                                                  max_pixels=video_max_pixels, as_float=video_float)
                 pixels.append(pv)
@@ -410,6 +412,22 @@ class OmniProcessor:
         result.update(out)
         result.update(audio_inputs)
         return result
+
+    def _check_counts(self, texts: list[str], n_images: int, n_audio: int, n_videos: int, use_audio_in_video: bool) -> None:
+        """Fail before any media work when the placeholders and the inputs do not pair up."""
+        found = {"image": 0, "audio": 0, "video": 0}
+        for sample in texts:
+            found["image"] += sample.count(self.image_token)
+            found["audio"] += sample.count(self.audio_token)
+            found["video"] += sample.count(self.video_token)
+        if use_audio_in_video:
+            found["audio"] += found["video"]
+        for kind, given in (("image", n_images), ("audio", n_audio), ("video", n_videos)):
+            if found[kind] != given:
+                note = " (with use_audio_in_video each video also takes one audio)" if kind == "audio" and use_audio_in_video else ""
+                raise InputError(
+                    f"the prompts have {found[kind]} {kind} placeholders but {given} {kind} inputs were given{note}"
+                )
 
     def _video_rates(self, clips: list[Any], fps: Any) -> list[float]:
         if fps is None:
@@ -488,9 +506,9 @@ class OmniProcessor:
             result.append("".join(pieces))
         for kind, given in (("audio", audio_lengths), ("image", image_grids), ("video", video_grids)):
             if counters[kind] != len(given):
+                note = " (with use_audio_in_video each video also takes one audio)" if kind == "audio" and use_audio_in_video else ""
                 raise InputError(
-                    f"the prompts have {counters[kind]} {kind} placeholders but {len(given)} {kind} inputs were given"
-                    + (" (with use_audio_in_video each video also takes one audio)" if kind == "audio" and use_audio_in_video else "")
+                    f"the prompts have {counters[kind]} {kind} placeholders but {len(given)} {kind} inputs were given{note}"
                 )
         return result
 

@@ -143,7 +143,9 @@ def frame_range(total_frames: int, video_fps: float, start: float | None, end: f
         return 0, total_frames - 1
     duration = total_frames / video_fps
     first = math.ceil(max(0.0, min(start, duration)) * video_fps) if start is not None else 0
-    last = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1) if end is not None else total_frames - 1
+    last = total_frames - 1
+    if end is not None:
+        last = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1)
     if first >= last:
         raise InputError(f"{label}: empty time range start={start} end={end} for a {duration:.2f} s video")
     return first, last
@@ -308,9 +310,10 @@ def _video_audio(blob: Any, start: float | None, end: float | None, sampling_rat
         if "no audio stream" in str(exc) or "without an audio track" in str(exc):
             raise MediaError(f"{blob.label}: the video has no audio track, which use_audio_in_video needs") from exc
         raise
-    if start is not None or end is not None:
-        first = int(round(rate * float(start or 0.0)))
-        wave = wave[first:] if end is None else wave[first : first + int(round(rate * (float(end) - float(start or 0.0))))]
+    if start is not None or end is not None:  # librosa's offset / duration, at the native rate
+        offset = float(start or 0.0)
+        first = int(round(rate * offset))
+        wave = wave[first:] if end is None else wave[first : first + int(round(rate * (float(end) - offset)))]
     if wave.size == 0:
         raise MediaError(f"{blob.label}: the video's audio track is empty")
     return resample(wave, rate, sampling_rate)
