@@ -137,7 +137,8 @@ async def _make_request(st: ServerState, messages: list[dict], sampling, **kw) -
     """Omni.make_request in the CPU pool; media decoding failures are the client's (400)."""
     try:
         req = await st.run_cpu(st.omni.make_request, messages, sampling, **kw)
-    except InputError:
+    except InputError as exc:
+        exc.param = exc.param or "messages"
         raise
     except Exception as exc:
         if _is_media_failure(exc):
