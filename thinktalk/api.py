@@ -148,7 +148,7 @@ class Omni:
         req = Request(
             prompt_ids=input_ids[0].tolist(),
             positions=positions[:, 0],
-            rope_delta=int(delta.flatten()[0]),
+            rope_delta=float(delta.flatten()[0]),  # fractional when video time is not whole
             sampling=sampling,
             mm=mm if has_mm else None,
             speaker=speaker,

@@ -85,7 +85,7 @@ class Request:
 
     prompt_ids: list[int]
     positions: torch.Tensor  # [3, len(prompt_ids)] M-RoPE positions of the prompt
-    rope_delta: int  # decode position = tokens so far + rope_delta
+    rope_delta: float  # decode position = tokens so far + rope_delta (fractional for some videos)
     sampling: SamplingParams
     mm: Any = None  # models.thinker.MultimodalInputs of this prompt, or None
     speaker: str | None = None  # set: speak the answer with this voice
