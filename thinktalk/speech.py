@@ -293,6 +293,7 @@ def generate_codes(
         sampling = TalkerSampling(**{**vars(sampling), "do_sample": False})
     limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
     tcfg = cfg.talker_config
+    speaker_id(cfg, speaker)  # an unknown voice is an error even when there is nothing to say
     device = talker.codec_head.weight.device
     ids = input_ids.flatten()
     if thinker_embeds.shape[0] - _assistant_start(ids[: prompt_len or ids.shape[0]].to(device), cfg) < 4:
