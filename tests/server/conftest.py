@@ -74,9 +74,9 @@ def serve_factory(tmp_path_factory):
     """Start servers (stopped at the end of the module)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict | None = None, wait: bool = True) -> ServerProcess:
+    def start(*args: str, env: dict | None = None, wait: bool = True, python_prefix: list[str] | None = None):
         log_path = tmp_path_factory.mktemp("serve") / "server.log"
-        srv = ServerProcess(list(args), log_path, env)
+        srv = ServerProcess(list(args), log_path, env, python_prefix)
         started.append(srv)
         if wait:
             srv.wait_ready()
