@@ -317,3 +317,29 @@ def test_only_stop_token_gives_no_frames(ref, talker):
     codes = generate_codes(talker, embeds, embeds, ids, "Ethan", ref.cfg,
                            embed_tokens=ref.model.thinker.get_input_embeddings(), prompt_len=len(prompt))
     assert codes.shape == (talker.num_code_groups, 0)
+
+
+@torch.no_grad()
+def test_talker_step_packed_batch_equals_each_alone(ref, talker):
+    """Two requests packed in one step (prefill, then one decode token each) == each run alone."""
+    g = torch.Generator().manual_seed(10)
+    h = ref.cfg.talker_config.text_config.hidden_size
+    lens = [7, 4]
+    seqs = [torch.randn(n + 1, h, generator=g) for n in lens]
+    pos = [torch.arange(n + 1)[None].expand(3, -1) for n in lens]
+    alone = []
+    for x, p, n in zip(seqs, pos, lens):
+        cache = SequenceKV()
+        h0, l0 = talker_step(talker, x[:n], p[:, :n], ContiguousKV([cache], [n]), [n])
+        h1, l1 = talker_step(talker, x[n:], p[:, n:], ContiguousKV([cache], [1]), [1])
+        alone.append((h0[0], l0[0], h1[0], l1[0]))
+    caches = [SequenceKV(), SequenceKV()]
+    x0 = torch.cat([x[:n] for x, n in zip(seqs, lens)])
+    p0 = torch.cat([p[:, :n] for p, n in zip(pos, lens)], dim=1)
+    h0, l0 = talker_step(talker, x0, p0, ContiguousKV(caches, lens), lens)
+    x1 = torch.cat([x[n:] for x, n in zip(seqs, lens)])
+    p1 = torch.cat([p[:, n:] for p, n in zip(pos, lens)], dim=1)
+    h1, l1 = talker_step(talker, x1, p1, ContiguousKV(caches, [1, 1]), [1, 1])
+    for i in range(2):
+        for got, want in zip((h0[i], l0[i], h1[i], l1[i]), alone[i]):
+            assert torch.allclose(got, want, atol=ATOL, rtol=0)
