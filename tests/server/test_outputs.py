@@ -105,3 +105,26 @@ def test_parsers_alone():
     t = ToolCallParser()
     assert t.feed("a<tool_") == ("a", [])
     assert t.feed("call>{}</tool_call>b") == ("<tool_call>{}</tool_call>b", [])
+
+
+def test_token_bytes_of_the_real_tokenizer():
+    from tokenizers import Tokenizer
+
+    from thinktalk.config import ASSETS
+    from thinktalk.server.outputs import Tokens
+
+    tok = Tokenizer.from_file(str(ASSETS / "tokenizer.json"))
+
+    class Processor:
+        tokenizer = tok
+
+        @staticmethod
+        def decode(ids, skip_special_tokens=False):
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    tokens = Tokens(Processor())
+    text = "Grüße, 日本語! <|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert b"".join(bytes(tokens.get(i)[1]) for i in ids).decode("utf-8") == text
+    assert tokens.get(tok.token_to_id("<|im_end|>"))[0] == "<|im_end|>"
+    assert tokens.get(ids[0]) is tokens.get(ids[0])  # cached

@@ -78,6 +78,7 @@ class ServerState:
         self.status = "loading"
         self.broken_reason: str | None = None
         self.omni = None
+        self.tokens = None  # token strings for logprobs, once the model is loaded
         self.engine: AsyncEngine | None = None
         self.metrics = Metrics(self.model_name)
         self.media = MediaPolicy(
@@ -194,8 +195,11 @@ class ServerState:
     def _ready(self, omni) -> None:
         if self.status != "loading":
             return
+        from .outputs import Tokens
+
         self.omni = omni
         self.model_path = omni.path
+        self.tokens = Tokens(omni.processor)
         self.engine = AsyncEngine(
             omni.engine, on_stats=self.metrics.set_engine,
             on_fatal=lambda exc: self.loop.call_soon_threadsafe(self.fail, f"engine thread died: {exc!r}"),
@@ -380,7 +384,7 @@ def serve(opts: ServeOptions) -> int:
                 return
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", access_log=False,
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", access_log=True,
                             timeout_graceful_shutdown=5, lifespan="on")
     server = _Server(config)
     state.uvicorn = server

@@ -29,6 +29,7 @@ MAX_REMOTE_BYTES = 256 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
 PCM16_INPUT_RATE = 24000  # raw pcm16 input is taken as 24 kHz mono, as in OpenAI's realtime API
 MODEL_AUDIO_RATE = 16000
+OFF_LOOP_CHARS = 256 * 1024  # base64 longer than this is decoded in a worker thread
 
 
 @dataclass
@@ -109,12 +110,19 @@ async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
     return data
 
 
+async def _off_loop(fn, *args):
+    """Large payloads are decoded in a worker thread, small ones right here."""
+    if sum(len(a) for a in args if isinstance(a, str)) > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 async def load_url(url: str, policy: MediaPolicy, param: str) -> bytes:
     """The bytes behind a media URL (data:, http(s):, file:// or a path), by the server's policy."""
     url = url.strip()
     head = url[:16].lower()
     if head.startswith("data:"):
-        return decode_data_url(url, param)
+        return await _off_loop(decode_data_url, url, param)
     if head.startswith(("http://", "https://")):
         return await _fetch(url, policy, param)
     if head.startswith("file://"):
@@ -150,9 +158,9 @@ async def convert_part(part: Any, policy: MediaPolicy, param: str) -> dict[str, 
     if isinstance(part, InputAudioPart):
         p = f"{param}.input_audio.data"
         data = part.input_audio.data
-        raw = decode_data_url(data, p) if data[:5].lower() == "data:" else _b64(data, p)
+        raw = await _off_loop(decode_data_url if data[:5].lower() == "data:" else _b64, data, p)
         if part.input_audio.format == "pcm16":
-            return {"type": "audio", "audio": pcm16_to_model_audio(raw, p)}
+            return {"type": "audio", "audio": await asyncio.to_thread(pcm16_to_model_audio, raw, p)}
         return {"type": "audio", "audio": raw}
     raise bad_request(f"unsupported content part {type(part).__name__}", param=param)
 

@@ -19,6 +19,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from html import escape
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -89,7 +90,7 @@ async def index(request: Request):
     if st.random_weights:
         banner = (f'<div id="demo-banner" class="demo">DEMO MODEL &mdash; {RANDOM_WEIGHTS_NOTICE}. '
                   f'Start the server with <code>--model PATH</code> to serve a real checkpoint.</div>')
-    html = _web_file("index.html").replace("<!--DEMO_BANNER-->", banner).replace("{{MODEL}}", st.model_name)
+    html = _web_file("index.html").replace("<!--DEMO_BANNER-->", banner).replace("{{MODEL}}", escape(st.model_name))
     return HTMLResponse(html)
 
 
@@ -105,20 +106,13 @@ def _model_card(st: ServerState) -> ModelCard:
     from ..api import RANDOM_WEIGHTS_NOTICE
 
     omni = st.omni
-    card = ModelCard(id=st.model_name, created=st.created)
-    extra = {
-        "root": str(st.model_path),
-        "random_weights": omni.random_weights,
-        "max_model_len": omni.engine.max_model_len,
-        "voices": omni.voices,
-        "input_modalities": ["text", "image", "audio", "video"],
-        "output_modalities": ["text", "audio"] if omni.can_speak else ["text"],
-    }
-    if omni.random_weights:
-        extra["notice"] = RANDOM_WEIGHTS_NOTICE
-    for k, v in extra.items():
-        setattr(card, k, v)
-    return card
+    extra = {"notice": RANDOM_WEIGHTS_NOTICE} if omni.random_weights else {}
+    return ModelCard(
+        id=st.model_name, created=st.created, root=str(st.model_path), random_weights=omni.random_weights,
+        max_model_len=omni.engine.max_model_len, voices=omni.voices,
+        input_modalities=["text", "image", "audio", "video"],
+        output_modalities=["text", "audio"] if omni.can_speak else ["text"], **extra,
+    )
 
 
 @router.get("/v1/models")
@@ -168,56 +162,8 @@ def _clone(req: EngineRequest, request_id: str, seed: int | None) -> EngineReque
     return copy
 
 
-class Tokens:
-    """Token strings and bytes for logprobs, cached per id."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-        self._byte_decoder = _byte_decoder()
-
-    def get(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            hit = self._cache[token_id] = self._lookup(token_id)
-        return hit
-
-    def _lookup(self, token_id: int) -> tuple[str, list[int]]:
-        piece = None
-        tok = getattr(self.processor, "tokenizer", None)
-        for attr in ("id_to_token", "convert_ids_to_tokens"):
-            fn = getattr(tok, attr, None)
-            if fn is not None:
-                try:
-                    piece = fn(token_id)
-                except Exception:  # noqa: BLE001 - fall back to decoding
-                    piece = None
-                break
-        if isinstance(piece, str) and piece and all(c in self._byte_decoder for c in piece):
-            raw = bytes(self._byte_decoder[c] for c in piece)  # byte-level BPE symbols -> bytes
-            return raw.decode("utf-8", "replace"), list(raw)
-        text = self.processor.decode([token_id], skip_special_tokens=False)
-        return text, list(text.encode("utf-8"))
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode table (byte-level BPE's symbol for every byte)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {chr(b): b for b in printable}
-    others = [b for b in range(256) if b not in table.values()]
-    table.update({chr(256 + k): b for k, b in enumerate(others)})
-    return table
-
-
-def _tokens(st: ServerState) -> Tokens:
-    tok = getattr(st, "_tokens", None)
-    if tok is None:
-        tok = st._tokens = Tokens(st.omni.processor)
-    return tok
-
-
 def _logprobs(st: ServerState, entries: list[dict], eos: set[int]) -> list[TokenLogprob]:
-    tokens = _tokens(st)
+    tokens = st.tokens
     out = []
     for e in entries:
         if e["token"] in eos:
@@ -758,7 +704,7 @@ async def _transcribe(task: str, request: Request, st: ServerState, file: Upload
 
     async def work():
         sampling = sampling_from(None, temperature=temperature, max_new_tokens=max_tokens or 1, logprobs=0)
-        req = await _make_request(st, messages, sampling, enable_thinking=False)
+        req = await _make_request(st, messages, sampling)  # the model card's ASR usage: default template
         seconds = _audio_seconds(req, omni)
         if max_tokens is None:  # room for fast speech: ~10 tokens per second of audio
             req.sampling.max_new_tokens = int(64 + 10 * seconds)

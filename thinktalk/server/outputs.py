@@ -273,3 +273,35 @@ class TextPipeline:
     @property
     def tool_calls(self) -> list[ParsedToolCall]:
         return self.tools.calls if self.tools is not None else []
+
+
+class Tokens:
+    """Token strings and their raw bytes (a token may hold part of a character), for logprobs."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_decoder = _byte_decoder()
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._lookup(token_id)
+        return hit
+
+    def _lookup(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.processor.tokenizer.id_to_token(token_id)
+        if piece and all(c in self._byte_decoder for c in piece):
+            raw = bytes(self._byte_decoder[c] for c in piece)  # byte-level BPE symbols -> bytes
+            return raw.decode("utf-8", "replace"), list(raw)
+        text = self.processor.decode([token_id], skip_special_tokens=False)
+        return text, list(text.encode("utf-8"))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table (byte-level BPE's symbol for every byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + k): b for k, b in enumerate(others)})
+    return table
