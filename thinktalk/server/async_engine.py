@@ -100,6 +100,7 @@ class AsyncEngine:
     # -- any thread / event loop -----------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._publish_stats()  # the engine thread is not running yet: safe to read here
         self._thread = threading.Thread(target=self._run, name="thinktalk-engine", daemon=True)
         self._thread.start()
 
