@@ -330,7 +330,7 @@ def test_metrics(server, client):
     for name in ("thinktalk_requests_total", "thinktalk_time_to_first_token_seconds_bucket",
                  "thinktalk_time_per_output_token_seconds_bucket", "thinktalk_time_to_first_audio_seconds_bucket",
                  "thinktalk_speech_real_time_factor_bucket", "thinktalk_num_requests_running",
-                 "thinktalk_num_requests_waiting", "thinktalk_kv_cache_used_tokens"):
+                 "thinktalk_num_requests_waiting", "thinktalk_kv_cache_used_tokens", "thinktalk_gpu_count"):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",model_name="tiny",status="200"' in text
     assert 'status="400"' in text  # from the error tests

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, InputError, MediaError
+from ..monitoring import register_system_metrics
 from .async_engine import AsyncEngine, EngineDead
 from .media import MediaPolicy
 from .metrics import Metrics
@@ -81,6 +82,7 @@ class ServerState:
         self.tokens = None  # token strings for logprobs, once the model is loaded
         self.engine: AsyncEngine | None = None
         self.metrics = Metrics(self.model_name)
+        register_system_metrics(self.metrics.registry)  # GPU (NVML) and process gauges, read at scrape time
         self.media = MediaPolicy(
             allow_remote=opts.allow_remote_media,
             local_root=Path(opts.allowed_local_media_path).resolve() if opts.allowed_local_media_path else None,

@@ -41,9 +41,6 @@ class Metrics:
                               labels, registry=r)
         self.kv_tokens = Gauge("thinktalk_kv_cache_used_tokens", "Tokens held in the KV cache", labels, registry=r)
         self._kv_blocks: tuple[Gauge, Gauge] | None = None
-        from ..monitoring import register_system_metrics
-
-        register_system_metrics(r)  # GPU (NVML) and process gauges, read at scrape time
 
     def kv_blocks(self) -> tuple[Gauge, Gauge]:
         """Free/total KV block gauges, made only when the engine has a paged cache to report."""
