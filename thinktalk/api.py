@@ -129,31 +129,13 @@ class Omni:
         tools: list[dict] | None = None,
     ) -> Request:
         """Render, tokenize and load the media of one conversation into an engine request."""
-        from .multimodal.mrope import get_rope_index
-
         if speaker is not None:
             speaker = self.check_speaker(speaker)
         inputs = self.processor.prepare_messages(
             messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools
         )
-        input_ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask", torch.ones_like(input_ids))
-        audio_lens = inputs["feature_attention_mask"].sum(1) if inputs.get("feature_attention_mask") is not None else None
-        positions, delta = get_rope_index(
-            input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask, use_audio_in_video,
-            audio_lens, inputs.get("video_second_per_grid"), config=self.cfg.thinker_config,
-        )
-        mm = MultimodalInputs(**{k: _to(inputs.get(k), self.device) for k in MM_KEYS})
-        has_mm = any(getattr(mm, k) is not None for k in MM_KEYS)
-        req = Request(
-            prompt_ids=input_ids[0].tolist(),
-            positions=positions[:, 0],
-            rope_delta=float(delta.flatten()[0]),  # fractional when video time is not whole
-            sampling=sampling,
-            mm=mm if has_mm else None,
-            speaker=speaker,
-        )
-        req.mm_inputs = inputs  # kept for the talker (grids, audio lengths)
+        req = request_from_inputs(inputs, self.cfg.thinker_config, sampling, self.device, use_audio_in_video)
+        req.speaker = speaker
         return req
 
     def check_speaker(self, speaker: str) -> str:
@@ -259,6 +241,32 @@ class Omni:
             return codes, np.zeros(0, dtype=np.float32)
         wav = self.model.code2wav.chunked_decode(codes[None])
         return codes, wav.flatten().float().cpu().numpy()
+
+
+def request_from_inputs(
+    inputs: dict[str, Any], thinker_cfg, sampling: SamplingParams, device, use_audio_in_video: bool = False
+) -> Request:
+    """Processor outputs of one conversation -> an engine request with its M-RoPE positions."""
+    from .multimodal.mrope import get_rope_index
+
+    input_ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(input_ids))
+    audio_lens = inputs["feature_attention_mask"].sum(1) if inputs.get("feature_attention_mask") is not None else None
+    positions, delta = get_rope_index(
+        input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask, use_audio_in_video,
+        audio_lens, inputs.get("video_second_per_grid"), config=thinker_cfg,
+    )
+    mm = MultimodalInputs(**{k: _to(inputs.get(k), device) for k in MM_KEYS})
+    has_mm = any(getattr(mm, k) is not None for k in MM_KEYS)
+    req = Request(
+        prompt_ids=input_ids[0].tolist(),
+        positions=positions[:, 0],
+        rope_delta=float(delta.flatten()[0]),  # fractional when video time is not whole
+        sampling=sampling,
+        mm=mm if has_mm else None,
+    )
+    req.mm_inputs = inputs  # kept for the talker (grids, audio lengths)
+    return req
 
 
 def _to(x, device):
