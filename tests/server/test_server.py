@@ -262,13 +262,21 @@ def test_transcriptions_every_format(client, media):
     assert isinstance(t.text, str)
 
 
-def test_transcription_prompts():
-    from thinktalk.server.openai import asr_instruction
+def test_transcription_prompts_and_formats():
+    from thinktalk.asr import asr_instruction, language_name, transcript_json, transcript_text
+    from thinktalk.errors import InputError
 
     assert asr_instruction("transcribe", "English") == "Transcribe the English audio into text."
     assert asr_instruction("transcribe", "Chinese") == "请将这段中文语音转换为纯文本。"
     assert asr_instruction("translate", "French") == (
         "Listen to the provided French speech and produce a translation in English text.")
+    assert language_name("EN") == language_name("english") == "English" and language_name("") is None
+    with pytest.raises(InputError):
+        language_name("xx")
+    assert transcript_text("hi", "srt", 3661.5) == "1\n00:00:00,000 --> 01:01:01,500\nhi\n\n"
+    v = transcript_json("hi", "verbose_json", 2.0, 10, [1, 2, 3], task="translate", logprobs=[-1.0, -3.0])
+    assert v["language"] == "english" and v["segments"][0]["avg_logprob"] == -2.0
+    assert v["usage"] == {"type": "tokens", "input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
 
 
 # -- load, disconnects, metrics -------------------------------------------------------------------

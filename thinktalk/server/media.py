@@ -14,8 +14,6 @@ this machine is decided here, not there.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from .protocol import AudioURLPart, ChatMessage, ImagePart, InputAudioPart, TextPart, VideoPart, bad_request
 
 MAX_REMOTE_BYTES = 256 * 1024 * 1024
@@ -38,28 +37,24 @@ class MediaPolicy:
     local_root: Path | None = None  # resolved folder, or None: no local files
 
 
-def _b64(data: str, param: str) -> bytes:
-    compact = "".join(data.split())
-    compact += "=" * (-len(compact) % 4)
-    try:
-        raw = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise bad_request(f"invalid base64 data ({exc})", param=param) from exc
-    if not raw:
-        raise bad_request("empty media data", param=param)
-    return raw
-
-
 def decode_data_url(url: str, param: str) -> bytes:
-    header, sep, payload = url[5:].partition(",")
-    if not sep:
-        raise bad_request("malformed data: URL (no ',' between header and payload)", param=param)
-    if "base64" in (p.strip().lower() for p in header.split(";")[1:]):
-        return _b64(urllib.parse.unquote(payload), param)
-    raw = urllib.parse.unquote_to_bytes(payload)
-    if not raw:
-        raise bad_request("data: URL has an empty payload", param=param)
-    return raw
+    """The payload of a ``data:`` URL (the processor's parser; its errors become 400s naming `param`)."""
+    from ..multimodal.media import resolve_source
+
+    try:
+        return resolve_source(url).read_bytes()
+    except InputError as exc:
+        raise bad_request(str(exc), param=param) from None
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    return decode_data_url("data:;base64," + data, param)
+
+
+def is_media_failure(exc: BaseException) -> bool:
+    """Errors media libraries (Pillow, PyAV) raise for bad input that reached us unwrapped."""
+    names = {"UnidentifiedImageError", "DecompressionBombError", "FFmpegError", "InvalidDataError"}
+    return any(cls.__name__ in names for cls in type(exc).__mro__) or type(exc).__module__.startswith("av.")
 
 
 def _read_local(path_text: str, policy: MediaPolicy, param: str) -> bytes:
@@ -158,7 +153,7 @@ async def convert_part(part: Any, policy: MediaPolicy, param: str) -> dict[str, 
     if isinstance(part, InputAudioPart):
         p = f"{param}.input_audio.data"
         data = part.input_audio.data
-        raw = await _off_loop(decode_data_url if data[:5].lower() == "data:" else _b64, data, p)
+        raw = await _off_loop(decode_data_url if data[:5].lower() == "data:" else decode_base64, data, p)
         if part.input_audio.format == "pcm16":
             return {"type": "audio", "audio": await asyncio.to_thread(pcm16_to_model_audio, raw, p)}
         return {"type": "audio", "audio": raw}

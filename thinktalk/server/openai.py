@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from html import escape
@@ -27,13 +26,14 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from .. import asr
 from ..audio_out import MEDIA_TYPES, encode, to_pcm16
 from ..errors import ContextLengthError, InputError, MediaError
 from ..request import Request as EngineRequest
 from ..request import sampling_from
 from .app import SAMPLE_RATE, ServerState
 from .async_engine import RequestStream
-from .media import convert_messages
+from .media import convert_messages, is_media_failure
 from .outputs import ParsedToolCall, Pieces, TextPipeline
 from .protocol import (
     TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -135,7 +135,7 @@ async def _make_request(st: ServerState, messages: list[dict], sampling, **kw) -
         exc.param = exc.param or "messages"
         raise
     except Exception as exc:
-        if _is_media_failure(exc):
+        if is_media_failure(exc):
             raise MediaError(f"cannot decode the media: {exc}", param="messages") from exc
         raise
     if len(req.prompt_ids) + 1 > st.omni.engine.max_model_len:
@@ -143,12 +143,6 @@ async def _make_request(st: ServerState, messages: list[dict], sampling, **kw) -
             f"the prompt is {len(req.prompt_ids)} tokens; the model's context is {st.omni.engine.max_model_len} tokens",
             param="messages")
     return req
-
-
-def _is_media_failure(exc: BaseException) -> bool:
-    """Errors that media libraries raise for bad input the processor did not turn into MediaError."""
-    names = {"UnidentifiedImageError", "DecompressionBombError", "FFmpegError", "InvalidDataError"}
-    return any(cls.__name__ in names for cls in type(exc).__mro__) or type(exc).__module__.startswith("av.")
 
 
 def _clone(req: EngineRequest, request_id: str, seed: int | None) -> EngineRequest:
@@ -629,58 +623,23 @@ def _ext(fmt: str) -> str:
 
 
 # -- transcriptions / translations ------------------------------------------------------------------
-LANGUAGES = {
-    "en": "English", "zh": "Chinese", "ko": "Korean", "ja": "Japanese", "de": "German", "ru": "Russian",
-    "it": "Italian", "fr": "French", "es": "Spanish", "pt": "Portuguese", "ms": "Malay", "nl": "Dutch",
-    "id": "Indonesian", "tr": "Turkish", "vi": "Vietnamese", "yue": "Cantonese", "ar": "Arabic", "ur": "Urdu",
-    "hi": "Hindi",
-}
-
-
-def _language(value: str | None) -> str | None:
-    if value is None or not value.strip():
-        return None
-    key = value.strip()
-    if key.lower() in LANGUAGES:
-        return LANGUAGES[key.lower()]
-    for name in LANGUAGES.values():
-        if name.lower() == key.lower():
-            return name
-    raise bad_request(f"unsupported language {value!r}; use one of {', '.join(sorted(LANGUAGES))}", param="language")
-
-
-def asr_instruction(task: str, language: str | None) -> str:
-    """The prompts of the Qwen3-Omni model card / cookbooks for ASR and speech-to-text translation."""
-    if task == "transcribe":
-        if language == "Chinese":
-            return "请将这段中文语音转换为纯文本。"
-        return f"Transcribe the {language} audio into text." if language else "Transcribe the audio into text."
-    source = f"{language} " if language else ""
-    return f"Listen to the provided {source}speech and produce a translation in English text."
-
-
-def _timestamp(seconds: float, sep: str) -> str:
-    ms = int(round(seconds * 1000))
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    s, ms = divmod(rest, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def _audio_seconds(req: EngineRequest, omni) -> float:
-    mask = getattr(req, "mm_inputs", {}).get("feature_attention_mask")
-    if mask is None:
-        return 0.0
-    fe = getattr(omni.processor, "feature_extractor", None)
-    hop = getattr(fe, "hop_length", 160)
-    rate = getattr(fe, "sampling_rate", 16000)
-    return float(mask.sum()) * hop / rate
-
-
-async def _transcribe(task: str, request: Request, st: ServerState, file: UploadFile, model: str | None,
-                      language: str | None, prompt: str | None, response_format: str, temperature: float,
-                      max_tokens: int | None, stream: bool):
+@router.post("/v1/audio/transcriptions")
+@router.post("/v1/audio/translations")
+async def audio_to_text(
+    request: Request,
+    file: UploadFile = File(...),
+    model: str | None = Form(None),
+    language: str | None = Form(None),
+    prompt: str | None = Form(None),
+    response_format: str = Form("json"),
+    temperature: float = Form(0.0),
+    max_tokens: int | None = Form(None),
+    stream: bool = Form(False),
+    st: ServerState = Depends(api),
+):
+    """Transcription, or translation into English, with the model card's prompts (asr.py)."""
     arrival = time.perf_counter()
+    task = "translate" if request.url.path.endswith("/translations") else "transcribe"
     st.check_model(model)
     if response_format not in TRANSCRIPT_FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(TRANSCRIPT_FORMATS)}", param="response_format")
@@ -690,22 +649,20 @@ async def _transcribe(task: str, request: Request, st: ServerState, file: Upload
         raise bad_request("temperature must be in [0, 2]", param="temperature")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request("max_tokens must be >= 1", param="max_tokens")
-    lang = _language(language)
+    lang = asr.language_name(language)
     audio = await file.read()
     if not audio:
         raise bad_request("the uploaded file is empty", param="file")
     omni = st.omni
-    messages: list[dict] = []
-    if prompt:
-        messages.append({"role": "system", "content": prompt})
+    messages: list[dict] = [{"role": "system", "content": prompt}] if prompt else []
     messages.append({"role": "user", "content": [
-        {"type": "audio", "audio": audio}, {"type": "text", "text": asr_instruction(task, lang)}]})
+        {"type": "audio", "audio": audio}, {"type": "text", "text": asr.asr_instruction(task, lang)}]})
     release = st.admit(1)
 
     async def work():
         sampling = sampling_from(None, temperature=temperature, max_new_tokens=max_tokens or 1, logprobs=0)
         req = await _make_request(st, messages, sampling)  # the model card's ASR usage: default template
-        seconds = _audio_seconds(req, omni)
+        seconds = asr.input_audio_seconds(req, omni.processor)
         if max_tokens is None:  # room for fast speech: ~10 tokens per second of audio
             req.sampling.max_new_tokens = int(64 + 10 * seconds)
         req.request_id = new_id(task)
@@ -725,7 +682,7 @@ async def _transcribe(task: str, request: Request, st: ServerState, file: Upload
         m.generation_tokens.labels(m.model).inc(stream_.num_tokens)
         m.prompt_tokens.labels(m.model).inc(len(req.prompt_ids))
         text = (pipe.all_content or pipe.all_reasoning).strip()
-        return text, seconds, req, stream_, lps
+        return text, seconds, req, lps
 
     try:
         result = await _until_disconnect(request, work())
@@ -733,61 +690,13 @@ async def _transcribe(task: str, request: Request, st: ServerState, file: Upload
         release()
     if isinstance(result, Response):
         return result
-    text, seconds, req, stream_, lps = result
+    text, seconds, req, lps = result
     st.metrics.e2e.labels(st.model_name).observe(time.perf_counter() - arrival)
-    if response_format == "text":
-        return PlainTextResponse(text + "\n" if text else "")
-    if response_format == "srt":
-        return PlainTextResponse(f"1\n{_timestamp(0, ',')} --> {_timestamp(seconds, ',')}\n{text}\n\n",
-                                 media_type="application/x-subrip")
-    if response_format == "vtt":
-        return PlainTextResponse(f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(seconds, '.')}\n{text}\n\n",
-                                 media_type="text/vtt")
-    usage = {"type": "tokens", "input_tokens": len(req.prompt_ids), "output_tokens": stream_.num_tokens,
-             "total_tokens": len(req.prompt_ids) + stream_.num_tokens}
-    if response_format == "json":
-        return {"text": text, "usage": usage}
-    raw = text.encode("utf-8")
-    segment = {
-        "id": 0, "seek": 0, "start": 0.0, "end": round(seconds, 3), "text": text, "tokens": list(stream_.req.output_ids),
-        "temperature": temperature, "avg_logprob": float(np.mean(lps)) if lps else 0.0,
-        "compression_ratio": len(raw) / max(len(zlib.compress(raw)), 1) if raw else 0.0, "no_speech_prob": 0.0,
-    }
-    return {"task": "transcribe" if task == "transcribe" else "translate",
-            "language": (lang or "unknown").lower() if task == "transcribe" else "english",
-            "duration": round(seconds, 3), "text": text, "segments": [segment], "usage": usage}
+    if response_format in asr.TEXT_FORMATS:
+        return PlainTextResponse(asr.transcript_text(text, response_format, seconds),
+                                 media_type=asr.TEXT_FORMATS[response_format])
+    return asr.transcript_json(text, response_format, seconds, len(req.prompt_ids), req.output_ids, task=task,
+                               language=lang, temperature=temperature, logprobs=lps)
 
 
-@router.post("/v1/audio/transcriptions")
-async def transcriptions(
-    request: Request,
-    file: UploadFile = File(...),
-    model: str | None = Form(None),
-    language: str | None = Form(None),
-    prompt: str | None = Form(None),
-    response_format: str = Form("json"),
-    temperature: float = Form(0.0),
-    max_tokens: int | None = Form(None),
-    stream: bool = Form(False),
-    st: ServerState = Depends(api),
-):
-    return await _transcribe("transcribe", request, st, file, model, language, prompt, response_format, temperature,
-                             max_tokens, stream)
-
-
-@router.post("/v1/audio/translations")
-async def translations(
-    request: Request,
-    file: UploadFile = File(...),
-    model: str | None = Form(None),
-    language: str | None = Form(None),
-    prompt: str | None = Form(None),
-    response_format: str = Form("json"),
-    temperature: float = Form(0.0),
-    max_tokens: int | None = Form(None),
-    st: ServerState = Depends(api),
-):
-    return await _transcribe("translate", request, st, file, model, language, prompt, response_format, temperature,
-                             max_tokens, False)
-
-
+LANGUAGES, asr_instruction = asr.LANGUAGES, asr.asr_instruction  # (imported from here by others)

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 AUDIO_OUT_FORMATS = ("wav", "mp3", "flac", "opus", "pcm16")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
@@ -60,43 +60,33 @@ class TextPart(_Lenient):
     text: str
 
 
+def _url_object(v):
+    """A bare URL string is accepted where OpenAI wants {"url": ...}."""
+    return {"url": v} if isinstance(v, str) else v
+
+
 class ImageURL(_Lenient):
     url: str
     detail: str | None = None
-
-
-class ImagePart(_Lenient):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _url_string(cls, v):
-        return {"url": v} if isinstance(v, str) else v
 
 
 class MediaURL(_Lenient):
     url: str
 
 
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: Annotated[ImageURL, BeforeValidator(_url_object)]
+
+
 class VideoPart(_Lenient):
     type: Literal["video_url"]
-    video_url: MediaURL
-
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _url_string(cls, v):
-        return {"url": v} if isinstance(v, str) else v
+    video_url: Annotated[MediaURL, BeforeValidator(_url_object)]
 
 
 class AudioURLPart(_Lenient):
     type: Literal["audio_url"]
-    audio_url: MediaURL
-
-    @field_validator("audio_url", mode="before")
-    @classmethod
-    def _url_string(cls, v):
-        return {"url": v} if isinstance(v, str) else v
+    audio_url: Annotated[MediaURL, BeforeValidator(_url_object)]
 
 
 class InputAudio(_Lenient):
