@@ -108,6 +108,8 @@ def test_chat_sampling_params_and_n(client):
         assert "".join(t.token for t in lp) == c.message.content or c.finish_reason == "stop"
     assert r1.usage.completion_tokens == sum(len(c.logprobs.content) for c in r1.choices) or any(
         c.finish_reason == "stop" for c in r1.choices)
+    edge = client.chat.completions.create(model="tiny", messages=user(), max_tokens=2, seed=2**63 - 1, n=2)
+    assert len(edge.choices) == 2
     preset = client.chat.completions.create(model="tiny", messages=user(), max_tokens=3, extra_body={"preset": "factual"})
     assert preset.choices[0].finish_reason in ("length", "stop")
 
@@ -365,6 +367,9 @@ def post(server, path, body, **kw):
     ({"messages": user(), "stream": True, "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "mp3"}},
      "audio.format"),
     ({"messages": user(), "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": user(), "seed": 2**70}, "seed"),
+    ({"messages": user(), "stop": [""]}, "stop"),
+    ({"messages": user("x", {"type": "hologram", "hologram": {}})}, "messages.0.content.0"),
     ({"messages": user(), "extra": 1, "preset": "wild"}, "preset"),
 ])
 def test_bad_chat_requests_are_400(server, body, param):

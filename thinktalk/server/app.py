@@ -291,9 +291,20 @@ def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONRes
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python[json=int,python=int]"}
+
+
 def _param_from_loc(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "form")]
-    # drop pydantic's union/discriminator tags (e.g. 'str', 'list[...]', 'text') after an index
+    """pydantic's error location -> OpenAI's dotted param, without union branch names
+    ('str', 'list[...]') or a tagged union's tag (the 'image_url' of image_url.image_url.url)."""
+    parts: list[str] = []
+    for p in loc:
+        p = str(p)
+        if p in ("body", "query", "form") and not parts:
+            continue
+        if p in _TYPE_TAGS or "[" in p or (parts and parts[-1] == p):
+            continue
+        parts.append(p)
     return ".".join(parts) or None
 
 
@@ -311,7 +322,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # of a union's failed branches, the one that got furthest says best what is wrong
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
         loc = tuple(first.get("loc", ()))
         param = _param_from_loc(loc)
         if first.get("type") == "json_invalid":

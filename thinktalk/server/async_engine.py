@@ -162,7 +162,9 @@ class AsyncEngine:
                 stream = item[1]
                 try:
                     self.engine.add_request(stream.req)
-                except InputError as exc:
+                except Exception as exc:  # noqa: BLE001 - refused before it joined: the engine is intact
+                    if not isinstance(exc, InputError):
+                        log.exception("engine refused request %s", stream.req.request_id)
                     self._post([(stream, EngineEvent(error=exc))])
                     continue
                 self._streams[stream.req.request_id] = stream
