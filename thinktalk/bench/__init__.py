@@ -1,0 +1,1 @@
+"""Serving benchmark client (`thinktalk bench serve`): load generation, metrics, JSON results, plots."""
