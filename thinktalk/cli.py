@@ -209,6 +209,206 @@ def serve(
     raise typer.Exit(run_server(opts))
 
 
+# -- batch jobs, transcription, serving benchmark ------------------------------------------------
+def _batch_backend(model, url, api_key, concurrency, device, max_num_seqs, max_speech_seconds, talker=True,
+                   request_model=None):
+    """An in-process engine (--model, default the demo model) or a running server (--url)."""
+    from .batch import EngineBackend, HTTPBackend
+
+    if url is not None:
+        if model is not None:
+            console.print("[red]error:[/red] give --model or --url, not both")
+            raise typer.Exit(2)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+        return HTTPBackend(url, api_key=api_key, concurrency=concurrency, model=request_model)
+    from .api import RANDOM_WEIGHTS_NOTICE, Omni
+    from .engine import EngineConfig
+
+    with console.status("loading model..."):
+        omni = Omni.load(model, device=device, talker=talker, progress=False,
+                         engine_config=EngineConfig(max_num_seqs=max_num_seqs))
+    if omni.random_weights:
+        console.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/yellow]")
+    return EngineBackend(omni, max_speech_seconds=max_speech_seconds)
+
+
+@app.command()
+def batch(
+    input_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="OpenAI Batch input (.jsonl)"),
+    output: Path = typer.Option(..., "--output", "-o", help="results (.jsonl; appended to: a re-run resumes)"),
+    model: Optional[Path] = ModelOpt,
+    url: Optional[str] = typer.Option(None, "--url", help="send the items to this running server instead"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY", help="for --url"),
+    concurrency: int = typer.Option(16, min=1, help="requests in flight at once (--url)"),
+    request_model: Optional[str] = typer.Option(None, "--request-model", help="set every body's 'model' (--url)"),
+    max_num_seqs: int = typer.Option(32, min=1, help="requests the engine decodes together (in-process)"),
+    max_speech_seconds: Optional[float] = typer.Option(None, min=0.1, help="longest spoken answer (in-process)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (in-process)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
+):
+    """Run an OpenAI Batch file (chat completions, speech, transcriptions) in-process or against a server.
+
+    Every item goes in flight at once (continuous batching in-process; --concurrency requests to a
+    server). Bad lines and failed items become error lines and the job goes on; audio is saved in
+    OUTPUT's stem + '.audio/' folder; items already in OUTPUT are skipped, so re-running resumes.
+    """
+    from .batch import OutputFile, run_batch
+
+    existing = OutputFile(output)
+    existing.close()
+    if existing.previous:
+        console.print(f"resuming: {existing.previous} results already in {output}")
+    backend = _batch_backend(model, url, api_key, concurrency, device, max_num_seqs, max_speech_seconds,
+                             request_model=request_model)
+    stats = run_batch(input_file, output, backend, progress=not no_progress)
+    audio = f", {stats.audio_seconds:.1f} s of audio" if stats.audio_seconds else ""
+    colour = "red" if stats.errors else "green"
+    console.print(f"[{colour}]{stats.done} done, {stats.errors} errors[/{colour}], {stats.skipped} skipped "
+                  f"(already in the output) in {stats.elapsed:.1f} s: {stats.tokens} tokens "
+                  f"({stats.tokens_per_s:.1f}/s){audio} -> {output}")
+    if stats.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def transcribe(
+    files: list[Path] = typer.Argument(..., exists=True, help="recordings, or folders of them"),
+    fmt: str = typer.Option("txt", "--format", "-f", help="txt | srt | vtt | json"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="folder for the transcripts "
+                                              "(default: beside each recording)"),
+    model: Optional[Path] = ModelOpt,
+    url: Optional[str] = typer.Option(None, "--url", help="use this running server instead"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY", help="for --url"),
+    language: Optional[str] = typer.Option(None, "--language", help="spoken language (en, zh, de, ...)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="context for the model (names, terms)"),
+    split_on_silence: bool = typer.Option(False, "--split-on-silence",
+                                          help="cut at pauses: one cue per piece, with real times"),
+    min_silence: float = typer.Option(0.5, help="shortest pause to cut at, seconds (--split-on-silence)"),
+    concurrency: int = typer.Option(16, min=1, help="requests in flight at once (--url)"),
+    max_num_seqs: int = typer.Option(32, min=1, help="requests the engine decodes together (in-process)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (in-process)"),
+):
+    """Recordings (files or folders) -> text, as txt, srt, vtt or json.
+
+    The model gives no timestamps: srt/vtt have one cue per recording, or with --split-on-silence one cue
+    per piece between pauses, timed by where the pauses are.
+    """
+    from .transcribe import FORMATS, find_recordings, output_path, render, transcribe_files
+
+    if fmt not in FORMATS:
+        console.print(f"[red]error:[/red] --format must be one of {', '.join(FORMATS)}")
+        raise typer.Exit(2)
+    recordings = find_recordings(files)
+    if not recordings:
+        console.print("[red]error:[/red] no recordings found")
+        raise typer.Exit(2)
+    backend = _batch_backend(model, url, api_key, concurrency, device, max_num_seqs, None, talker=False)
+    transcripts, stats = transcribe_files(recordings, backend, language=language, prompt=prompt,
+                                          split=split_on_silence, min_silence_s=min_silence)
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for t in transcripts:
+        if t.error:
+            failed += 1
+            console.print(f"[red]{t.path}:[/red] {t.error}")
+            continue
+        target = output_path(t.path, fmt, output_dir)
+        target.write_text(render(t, fmt), encoding="utf-8")
+        out.print(f"{target}: {t.text}", markup=False, highlight=False)
+    console.print(f"{len(transcripts) - failed} transcribed, {failed} failed in {stats.elapsed:.1f} s")
+    if failed:
+        raise typer.Exit(1)
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Optional[str] = typer.Option(None, "--url", help="the server, e.g. http://127.0.0.1:8000"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY"),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="model id to send (default: the server's)"),
+    request_rate: Optional[str] = typer.Option(None, "--request-rate",
+                                               help="open loop: mean arrivals per second, a sweep like 1,2,4,inf"),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency",
+                                              help="closed loop: users sending back to back, a sweep like 1,4,16"),
+    max_concurrency: Optional[int] = typer.Option(None, min=1, help="cap on requests in flight (--request-rate)"),
+    burstiness: float = typer.Option(1.0, min=0.01, help="1: Poisson arrivals; lower: burstier (gamma)"),
+    num_prompts: int = typer.Option(32, min=1, help="requests per level"),
+    kinds: str = typer.Option("text", help="synthetic prompt kinds, cycled: text,image,audio,video"),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", exists=True, help="prompts from JSONL instead"),
+    input_words: int = typer.Option(64, min=1, help="synthetic text length (words)"),
+    max_tokens: int = typer.Option(64, min=1, help="max_tokens of each request"),
+    image_size: int = typer.Option(448, min=28, help="synthetic image side (pixels)"),
+    audio_seconds: float = typer.Option(3.0, min=0.1, help="synthetic audio length"),
+    video_seconds: float = typer.Option(2.0, min=0.5, help="synthetic video length"),
+    speech_ratio: float = typer.Option(0.0, min=0.0, max=1.0, help="share of requests asking for spoken answers"),
+    voice: str = typer.Option("Ethan", help="voice of the spoken answers"),
+    temperature: Optional[float] = typer.Option(0.0, help="sampling temperature sent with each request"),
+    slo: list[str] = typer.Option(None, "--slo", help="goodput SLO NAME=VALUE (ms; rtf as ratio): "
+                                  "ttft, tpot, itl, e2e, first_audio, rtf (repeatable)"),
+    warmup: int = typer.Option(1, min=0, help="requests sent (and not counted) before the first level"),
+    seed: int = typer.Option(0),
+    result: Path = typer.Option(Path("bench-serve.json"), "--result", "-o", help="JSON results"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of latency and throughput against load "
+                                             "(default: the result's name with .png)"),
+    save_requests: bool = typer.Option(False, "--save-requests", help="keep every request's timings in the JSON"),
+    compare_files: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", exists=True,
+                                                             help="A.json B.json: print the change per metric, then stop"),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+):
+    """Serving benchmark against a running server, in the style of vLLM's benchmark_serving.
+
+    Measures TTFT, first-audio latency, TPOT, ITL, RTF, throughput and goodput (p50/p90/p99) over a
+    --request-rate or --concurrency sweep; writes JSON results and a PNG plot.
+    """
+    from .bench import report
+
+    if compare_files:
+        a, b = compare_files
+        rows = report.print_compare(report.load(a), report.load(b), a.name, b.name, console=out)
+        raise typer.Exit(0 if rows else 1)
+    from .bench.data import load_jsonl, synthetic_prompts
+    from .bench.serve import BenchConfig, parse_levels, parse_slos, run_bench, write_results
+
+    if url is None:
+        console.print("[red]error:[/red] give --url of a running server (or --compare A.json B.json)")
+        raise typer.Exit(2)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    if (request_rate is None) == (concurrency is None):
+        console.print("[red]error:[/red] give one of --request-rate or --concurrency")
+        raise typer.Exit(2)
+    try:
+        levels = parse_levels(request_rate or concurrency)
+        slos = parse_slos(slo)
+        if dataset is not None:
+            prompts = load_jsonl(dataset, max_tokens=max_tokens)
+        else:
+            with console.status("making synthetic prompts..."):
+                prompts = synthetic_prompts(
+                    min(num_prompts * len(levels), 4096), [k.strip() for k in kinds.split(",") if k.strip()],
+                    seed=seed, input_words=input_words, max_tokens=max_tokens, image_size=(image_size, image_size),
+                    audio_seconds=audio_seconds, video_seconds=video_seconds)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    cfg = BenchConfig(url=url, model=served_model, api_key=api_key, mode="rate" if request_rate else "concurrency",
+                      levels=levels, num_prompts=num_prompts, max_concurrency=max_concurrency, burstiness=burstiness,
+                      speech_ratio=speech_ratio, voice=voice, temperature=temperature, warmup=warmup, seed=seed,
+                      slos=slos)
+    try:
+        results = run_bench(cfg, prompts, progress=not no_progress, save_requests=save_requests)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    write_results(results, result)
+    png = report.plot(results, plot_path or result.with_suffix(".png"))
+    report.print_table(results, console=out)
+    console.print(f"results: {result}   plot: {png}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()
