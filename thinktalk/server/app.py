@@ -372,6 +372,8 @@ def create_app(opts: ServeOptions) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.include_router(routes.router)
+    from .realtime import router as realtime_router  # /v1/realtime and the /voice page
+    app.include_router(realtime_router)
     app.add_middleware(_RequestCounter, state=state)
     return app
 
