@@ -409,6 +409,23 @@ def bench_serve(
     console.print(f"results: {result}   plot: {png}")
 
 
+@app.command()
+def talk(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the server (its /v1/realtime is used)"),
+    input_wav: Optional[Path] = typer.Option(None, "--input-wav", help="speak this audio file instead of the microphone"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="save the answers here (reply-N.wav) instead of playing them"),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Ethan, Chelsie or Aiden"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY", help="the server's API key"),
+    instructions: Optional[str] = typer.Option(None, "--instructions", help="system prompt of the conversation"),
+    max_output_tokens: Optional[int] = typer.Option(None, min=1, help="longest answer, in tokens"),
+):
+    """Voice conversation with a running server: microphone (extra 'sounddevice') or a WAV in, answers played or saved."""
+    from .talk import run_talk
+
+    raise typer.Exit(run_talk(url, input_wav=input_wav, output_dir=output_dir, voice=voice, api_key=api_key,
+                              instructions=instructions, max_output_tokens=max_output_tokens))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()
