@@ -70,6 +70,78 @@ def run_engine(engine: Engine, reqs: list[Request]) -> dict:
                 decode_tok_s=decode_tokens / decode_time if decode_tokens else None)
 
 
+def synth_video(path: Path, seconds: int, fps: int = 4, size=(640, 360), sample_rate: int = 16000) -> Path:
+    """A video with moving content and a tone track, encoded with PyAV."""
+    import av
+    import numpy as np
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        aus = out.add_stream("aac", rate=sample_rate)
+        aus.layout = "mono"
+        yy, xx = np.mgrid[0:h, 0:w]
+        for i in range(seconds * fps):
+            img = np.stack([(xx + 7 * i) % 256, (yy + 3 * i) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+        t = np.arange(seconds * sample_rate) / sample_rate
+        pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+        for start in range(0, len(pcm), 1024):
+            fr = av.AudioFrame.from_ndarray(pcm[None, start : start + 1024], format="s16", layout="mono")
+            fr.sample_rate = sample_rate
+            for p in aus.encode(fr):
+                out.mux(p)
+        for p in aus.encode(None):
+            out.mux(p)
+    return path
+
+
+def mm_request(processor, cfg, content: list, use_audio_in_video: bool = False) -> Request:
+    from thinktalk.api import request_from_inputs
+
+    messages = [{"role": "user", "content": content}]
+    inputs = processor.prepare_messages(messages, use_audio_in_video=use_audio_in_video)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=1)
+    return request_from_inputs(inputs, cfg.thinker_config, sp, torch.device("cuda"), use_audio_in_video)
+
+
+def bench_multimodal(engine: Engine, cfg, args) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from thinktalk.config import ASSETS
+    from thinktalk.multimodal.processor import OmniProcessor
+
+    processor = OmniProcessor.from_pretrained(ASSETS)
+    res = {}
+    question = " ".join(["please"] * 48) + " describe."
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8))
+    content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+    t0 = time.perf_counter()
+    req = mm_request(processor, cfg, content)
+    prep = time.perf_counter() - t0
+    r = run_engine(engine, [req])
+    res["image_1280x720"] = {"ttft_ms": r["ttft_s"] * 1000, "preprocess_ms": prep * 1000, "prompt_tokens": len(req.prompt_ids)}
+    print(json.dumps(res), flush=True)
+    for seconds in args.video_seconds:
+        path = synth_video(Path(f"/tmp/bench_video_{seconds}.mp4"), seconds)
+        t0 = time.perf_counter()
+        req = mm_request(processor, cfg, [{"type": "video", "video": str(path)}, {"type": "text", "text": "What happens?"}], True)
+        prep = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats()
+        r = run_engine(engine, [req])
+        res[f"video_{seconds}s_with_audio"] = {
+            "prefill_s": r["ttft_s"], "preprocess_s": prep, "prompt_tokens": len(req.prompt_ids),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        print(json.dumps(res[f"video_{seconds}s_with_audio"]), flush=True)
+    return res
+
+
 def bench_thinktalk(args) -> dict:
     cfg = reference_config()
     t = time.perf_counter()
@@ -90,6 +162,8 @@ def bench_thinktalk(args) -> dict:
         r = run_engine(engine, [text_request(512, 256, seed=i) for i in range(c)])
         res["decode_aggregate"][str(c)] = {"tok_s": r["decode_tok_s"], "total_s": r["total_s"]}
         print(json.dumps({c: res["decode_aggregate"][str(c)]}), flush=True)
+    if args.video_seconds is not None:
+        res.update(bench_multimodal(engine, cfg, args))
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -140,6 +214,7 @@ def main():
     ap.add_argument("--decode-len", type=int, default=256)
     ap.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64, 128])
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--video-seconds", type=int, nargs="*", default=[60, 120], help="omit the flag's values to skip")
     ap.add_argument("--hf-decode-len", type=int, default=32)
     ap.add_argument("--hf-concurrency", type=int, nargs="*", default=[8, 32])
     args = ap.parse_args()
