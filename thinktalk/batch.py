@@ -61,6 +61,7 @@ CHAT, SPEECH = "/v1/chat/completions", "/v1/audio/speech"
 TRANSCRIBE, TRANSLATE = "/v1/audio/transcriptions", "/v1/audio/translations"
 ENDPOINTS = (CHAT, SPEECH, TRANSCRIBE, TRANSLATE)
 SAMPLE_RATE = 24000
+RANDOM_WEIGHTS_SPEECH_S = 3.0  # default cap on a spoken answer of a random-weight (demo) model
 _URL_ALIASES = {u.removeprefix("/v1"): u for u in ENDPOINTS}
 
 
@@ -519,12 +520,19 @@ class EngineBackend:
 
     window: items prepared and in the engine at once (default: 4 x the engine's max_num_seqs);
     the engine decodes max_num_seqs of them per step and admits the next the step one finishes.
+    max_speech_seconds: cap on each spoken answer (default: the talker's own limit; 3 s on a
+    random-weight demo model, whose talker never ends by itself).
     """
 
     def __init__(self, omni, *, window: int | None = None, max_speech_seconds: float | None = None,
                  model_name: str | None = None):
         self.omni = omni
         self.window = window or 4 * omni.engine.config.max_num_seqs
+        if max_speech_seconds is None and getattr(omni, "random_weights", False) and omni.can_speak:
+            # a random talker never says codec_eos: without a cap each answer runs to the talker's limit
+            max_speech_seconds = RANDOM_WEIGHTS_SPEECH_S
+            log.warning("random weights: spoken answers capped at %.0f s (set max_speech_seconds to change)",
+                        max_speech_seconds)
         self.max_frames = None
         if max_speech_seconds is not None and omni.can_speak:
             per_s = SAMPLE_RATE / omni.model.code2wav.total_upsample
