@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from .errors import InputError
 from .models.thinker import MultimodalInputs
 from .request import Request, SamplingParams, sampling_from
 from .weights.tiny import demo_model_path, is_tiny_random
+
+if TYPE_CHECKING:
+    from .speech_stage import SpeechEvent
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Omni:
         self.tokenizer_eos = eos
         self.engine = Engine(model, eos, engine_config, capture_layer=capture)
         self.device = next(model.parameters()).device
+        self._speech_stage = None  # made on first use (speech_stage)
         if self.random_weights:
             log.warning("%s (%s)", RANDOM_WEIGHTS_NOTICE, path)
 
@@ -165,13 +169,110 @@ class Omni:
                               use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking)
             for conv in conversations
         ]
+        stage = self.speech_stage if speaker is not None else None
         for req in reqs:
             req.speech_max_frames = speech_max_frames
             self.engine.add_request(req)
-        while any(r.finish_reason is None for r in reqs):
+        try:
+            for req in reqs:  # the talker runs beside the thinker; audio is decoded at the end
+                if stage is not None:
+                    stage.add(req, decode_audio=False)
+        except BaseException:
+            for req in reqs:
+                self.engine.abort(req.request_id)
+                stage.cancel(req.request_id)
+            stage.step()
+            for req in reqs:
+                stage.pop(req.request_id)
+            raise
+        while any(r.finish_reason is None for r in reqs) or (stage is not None and any(r.request_id in stage.jobs for r in reqs)):
             self.engine.step()
-        results = [self.finish(r) for r in reqs]
+            if stage is not None:
+                stage.step()
+        results = [self.finish(r, speech=self._collect_speech(stage, r) if stage is not None else None) for r in reqs]
         return results if batch else results[0]
+
+    @property
+    def speech_stage(self):
+        """The streaming speech stage (speech_stage.SpeechStage) of this model, made on first use."""
+        if not self.can_speak:
+            raise InputError("this model has no talker: speech output is not available", param="speaker")
+        if self._speech_stage is None:
+            from .speech_stage import SpeechStage
+
+            self._speech_stage = SpeechStage(self.model, self.cfg, sorted(self.engine.eos_token_ids))
+        return self._speech_stage
+
+    def _collect_speech(self, stage, req: Request) -> tuple[torch.Tensor, np.ndarray]:
+        """(codes, waveform) of a request spoken by the stage; the waveform as `speak` decodes it."""
+        job = stage.pop(req.request_id)
+        codes = job.codes()
+        if codes.shape[-1] == 0:
+            return codes, np.zeros(0, dtype=np.float32)
+        with torch.inference_mode():
+            wav = self.model.code2wav.chunked_decode(codes[None])
+        return codes, wav.flatten().float().cpu().numpy()
+
+    def stream_speech(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        speaker: str = "Ethan",
+        preset: str | None = None,
+        use_audio_in_video: bool = False,
+        enable_thinking: bool | None = None,
+        speech_max_frames: int | None = None,
+        **sampling: Any,
+    ) -> Iterator["SpeechEvent"]:
+        """One spoken answer as it is produced: SpeechEvent(text=new text, pcm=new float32 24 kHz
+        samples or None), ..., then one with finished=True. The talker starts after the first answer
+        tokens and the first PCM (4 codec frames, 320 ms) comes while the thinker is still writing.
+        Closing the iterator early cancels the request (thinker and speech)."""
+        from collections import deque
+
+        from .speech_stage import SpeechEvent
+
+        stage = self.speech_stage
+        req = self.make_request(messages, sampling_from(preset, **sampling), speaker=speaker,
+                                use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking)
+        req.speech_max_frames = speech_max_frames
+        chunks: deque = deque()
+        self.engine.add_request(req)
+        try:
+            stage.add(req, on_chunk=chunks.append)
+        except BaseException:
+            self.engine.abort(req.request_id)
+            raise
+        text = _TextDelta(self.processor, self.engine.eos_token_ids)
+        done = False
+        try:
+            while not done:
+                if self.engine.has_work():
+                    self.engine.step()
+                stage.step()
+                delta = text.update(req.output_ids, final=req.finish_reason is not None)
+                if delta:
+                    yield SpeechEvent(text=delta)
+                while chunks:
+                    chunk = chunks.popleft()
+                    if chunk.pcm.size:
+                        yield SpeechEvent(pcm=chunk.pcm)
+                    if chunk.finished:
+                        done = True
+                        stage.pop(req.request_id)
+                        while req.finish_reason is None:  # speech ended first (length cap): finish the text
+                            self.engine.step()
+                            delta = text.update(req.output_ids, final=req.finish_reason is not None)
+                            if delta:
+                                yield SpeechEvent(text=delta)
+                        yield SpeechEvent(finished=True, finish_reason=req.finish_reason,
+                                          speech_finish_reason=chunk.finish_reason)
+        finally:
+            if not done:  # closed early: stop the thinker and the talker
+                self.engine.abort(req.request_id)
+                stage.cancel(req.request_id)
+                stage.step()
+                stage.pop(req.request_id)
 
     def stream(self, req: Request) -> Iterator[int]:
         """Drive the engine until `req` finishes, yielding its new tokens (other requests advance too)."""
@@ -183,7 +284,9 @@ class Omni:
                 yield req.output_ids[sent]
                 sent += 1
 
-    def finish(self, req: Request) -> Result:
+    def finish(self, req: Request, speech: tuple[torch.Tensor, np.ndarray] | None = None) -> Result:
+        """The Result of a finished request; speech: its (codes, audio) when already made (else
+        a speaking request is spoken now, by `speak`)."""
         ids = [t for t in req.output_ids if t not in self.engine.eos_token_ids]
         text = self.processor.decode(ids, skip_special_tokens=True)
         reasoning, content = split_reasoning(text)
@@ -192,7 +295,9 @@ class Omni:
             prompt_tokens=len(req.prompt_ids), prompt_tokens_by_modality=self.count_modalities(req.prompt_ids),
             logprobs=req.output_logprobs or None,
         )
-        if req.speaker is not None and req.capture is not None:
+        if speech is not None:
+            result.codes, result.audio = speech
+        elif req.speaker is not None and req.capture is not None:
             result.codes, result.audio = self.speak(req)
         return result
 
@@ -267,6 +372,22 @@ def request_from_inputs(
     )
     req.mm_inputs = inputs  # kept for the talker (grids, audio lengths)
     return req
+
+
+class _TextDelta:
+    """Incremental detokenisation: the new text of a growing answer, holding back a partial character."""
+
+    def __init__(self, processor, eos_ids):
+        self.processor, self.eos_ids, self.sent = processor, set(eos_ids), ""
+
+    def update(self, ids: list[int], final: bool = False) -> str:
+        text = self.processor.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
 
 
 def _to(x, device):
