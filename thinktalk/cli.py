@@ -252,12 +252,16 @@ def batch(
     server). Bad lines and failed items become error lines and the job goes on; audio is saved in
     OUTPUT's stem + '.audio/' folder; items already in OUTPUT are skipped, so re-running resumes.
     """
-    from .batch import OutputFile, run_batch
+    from .batch import OutputFile, count_todo, run_batch
 
     existing = OutputFile(output)
     existing.close()
+    todo = count_todo(input_file, existing.done_ids, existing.done_lines)
     if existing.previous:
-        console.print(f"resuming: {existing.previous} results already in {output}")
+        console.print(f"resuming: {existing.previous} results already in {output}, {todo} to go")
+    if todo == 0:
+        console.print(f"[green]nothing to do[/green]: every line of {input_file} has its result in {output}")
+        return
     backend = _batch_backend(model, url, api_key, concurrency, device, max_num_seqs, max_speech_seconds,
                              request_model=request_model)
     stats = run_batch(input_file, output, backend, progress=not no_progress)
