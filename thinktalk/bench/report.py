@@ -181,8 +181,10 @@ def plot(results: dict[str, Any], path: str | Path, title: str | None = None) ->
     twin2.set_ylim(bottom=0)
     server = results.get("server", {})
     cfg = results["config"]
-    fig.suptitle(title or f"thinktalk bench serve: {server.get('model', '?')}"
-                 f"{' on ' + server['gpu'] if server.get('gpu') else ''} - {cfg['num_prompts']} prompts/level, "
+    where = ""
+    if server.get("gpu"):
+        where = " on CPU (no GPU)" if server["gpu"] == "no GPU" else f" on {server['gpu']}"
+    fig.suptitle(title or f"thinktalk bench serve: {server.get('model', '?')}{where} - {cfg['num_prompts']} prompts/level, "
                  f"speech {int(100 * cfg.get('speech_ratio', 0))}%", fontsize=11)
     fig.tight_layout()
     path = Path(path)
