@@ -28,7 +28,10 @@ Non-JSON transcription formats (text, srt, vtt) come back as `{"content": "..."}
 
 Resuming: the output is opened for appending and every custom_id (and unreadable line number)
 already there is skipped, so a job stopped by Ctrl-C, a crash or a lost server goes on where it
-stopped with nothing done twice. A half-written last line is cut off first.
+stopped with nothing done twice. A half-written last line is cut off first. With
+`retry_failed`, items whose line is an error are taken out of the output and done again. A
+server that cannot be reached (after retries) stops the job without writing error lines for the
+items it could not send, so that a re-run does them.
 
 In-process, every item goes to the engine as soon as it is prepared (up to `window` at once), so
 the engine's continuous batching keeps its batch full: a short answer leaves and the next item
@@ -141,8 +144,10 @@ AUDIO_EXT = {"opus": "ogg", "pcm": "pcm", "pcm16": "pcm"}
 class OutputFile:
     """The output JSONL, appended to line by line, plus its audio folder; knows what is already done."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, retry_failed: bool = False):
         self.path = Path(path)
+        self.retry_failed = retry_failed
+        self.dropped = 0  # failed items taken out of the file to be done again (retry_failed)
         stem = self.path.name[: -len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.stem
         self.audio_dir = self.path.parent / f"{stem}.audio"
         self.done_ids: set[str] = set()
@@ -163,18 +168,29 @@ class OutputFile:
             with open(self.path, "r+b") as fh:
                 fh.truncate(keep)
             raw = raw[:keep]
+        kept: list[str] = []
         for text in raw.decode("utf-8", errors="replace").splitlines():
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:
+                kept.append(text)
                 continue
             if not isinstance(obj, dict):
+                kept.append(text)
                 continue
+            if self.retry_failed and obj.get("error") and isinstance(obj.get("custom_id"), str):
+                self.dropped += 1  # a failed item: done again (bad lines would only fail again)
+                continue
+            kept.append(text)
             self.previous += 1
             if isinstance(obj.get("custom_id"), str):
                 self.done_ids.add(obj["custom_id"])
             elif isinstance(obj.get("error"), dict) and isinstance(obj["error"].get("line"), int):
                 self.done_lines.add(obj["error"]["line"])
+        if self.dropped:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def _write(self, obj: dict[str, Any]) -> None:
         line = json.dumps(obj, ensure_ascii=False) + "\n"
@@ -294,7 +310,7 @@ class ProgressView:
             self._progress.__exit__(*exc)
 
 
-class _Counting:
+class CountingSink:
     """Wraps a sink: counts results/errors into Stats and refreshes the progress bar."""
 
     def __init__(self, sink: Sink, stats: Stats, view: ProgressView | None):
@@ -450,7 +466,11 @@ def audio_seconds_of(data: bytes, fmt: str) -> float:
 
 # -- backends -----------------------------------------------------------------------------------------
 class Backend(Protocol):
-    def run(self, items: Iterable[BatchItem | LineError], sink: _Counting, stats: Stats) -> None: ...
+    def run(self, items: Iterable[BatchItem | LineError], sink: CountingSink, stats: Stats) -> None: ...
+
+
+class BatchAborted(RuntimeError):
+    """The job cannot go on (the server is gone); what is done is saved, a re-run resumes."""
 
 
 def run_batch(
@@ -459,15 +479,20 @@ def run_batch(
     backend: Backend,
     *,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> Stats:
-    """Run every item of `input_path` not yet in `output_path` on `backend`; returns the counts."""
-    input_path, out = Path(input_path), OutputFile(output_path)
+    """Run every item of `input_path` not yet in `output_path` on `backend`; returns the counts.
+
+    retry_failed: items whose line in the output is an error are taken out and done again.
+    Raises BatchAborted when the backend cannot go on; the output keeps everything done so far.
+    """
+    input_path, out = Path(input_path), OutputFile(output_path, retry_failed=retry_failed)
     stats = Stats()
     stats.skipped = len(out.done_ids) + len(out.done_lines)
     try:
         stats.total = count_todo(input_path, out.done_ids, out.done_lines)
         with ProgressView(stats, enabled=progress) as view:
-            sink = _Counting(out, stats, view)
+            sink = CountingSink(out, stats, view)
             backend.run(read_items(input_path, out.done_ids, out.done_lines), sink, stats)
     finally:
         out.close()
@@ -694,7 +719,7 @@ class EngineBackend:
         return job
 
     # -- the loop (this thread is the only one that runs the thinker) --------------------------------
-    def run(self, items: Iterable[BatchItem | LineError], sink: _Counting, stats: Stats) -> None:
+    def run(self, items: Iterable[BatchItem | LineError], sink: CountingSink, stats: Stats) -> None:
         from .errors import InputError
 
         engine = self.omni.engine
@@ -831,7 +856,7 @@ class EngineBackend:
             job.frames[i] = int(codes.shape[-1])
             job.waves[i] = (wav, encode(wav, SAMPLE_RATE, job.audio_format))
 
-    def _finish_safely(self, job: _Job, sink: _Counting, stats: Stats) -> None:
+    def _finish_safely(self, job: _Job, sink: CountingSink, stats: Stats) -> None:
         try:
             self._finish(job, sink, stats)
         except ItemError as exc:
@@ -840,7 +865,7 @@ class EngineBackend:
             log.exception("item %s failed", job.item.custom_id)
             sink.error(job.item.custom_id, ItemError("server_error", f"{type(exc).__name__}: {exc}"))
 
-    def _finish(self, job: _Job, sink: _Counting, stats: Stats) -> None:
+    def _finish(self, job: _Job, sink: CountingSink, stats: Stats) -> None:
         for pipe in job.pipes:
             pipe.finish()
         if job.kind == "chat":
@@ -866,7 +891,7 @@ class EngineBackend:
                                            temperature=job.temperature)
         sink.result(job.item, body, job.id)
 
-    def _chat_body(self, job: _Job, sink: _Counting, stats: Stats) -> dict[str, Any]:
+    def _chat_body(self, job: _Job, sink: CountingSink, stats: Stats) -> dict[str, Any]:
         choices = []
         completion = reasoning = 0
         for i, (req, pipe) in enumerate(zip(job.reqs, job.pipes)):
@@ -934,29 +959,41 @@ class HTTPBackend:
         self.timeout = timeout
         self.model = model  # overrides the body's "model" when given
 
-    def run(self, items: Iterable[BatchItem | LineError], sink: _Counting, stats: Stats) -> None:
+    def run(self, items: Iterable[BatchItem | LineError], sink: CountingSink, stats: Stats) -> None:
         asyncio.run(self._run(items, sink, stats))
 
     async def _run(self, items, sink, stats) -> None:
         import httpx
 
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._gone: str | None = None
         async with httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout, limits=limits) as client:
             pending: set[asyncio.Task] = set()
-            for entry in items:
-                if isinstance(entry, LineError):
-                    sink.error(entry.custom_id, entry.error, entry.line if entry.custom_id is None else None)
-                    continue
-                while len(pending) >= self.concurrency:
-                    _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                pending.add(asyncio.create_task(self._one(client, entry, sink, stats)))
-            if pending:
-                await asyncio.wait(pending)
+            try:
+                for entry in items:
+                    if self._gone:
+                        break
+                    if isinstance(entry, LineError):
+                        sink.error(entry.custom_id, entry.error, entry.line if entry.custom_id is None else None)
+                        continue
+                    while len(pending) >= self.concurrency:
+                        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    pending.add(asyncio.create_task(self._one(client, entry, sink, stats)))
+                if pending:
+                    await asyncio.wait(pending)
+            finally:
+                for task in pending:
+                    task.cancel()
+        if self._gone:
+            raise BatchAborted(f"lost the server: {self._gone}. What was done is saved; run again to resume.")
 
-    async def _one(self, client, item: BatchItem, sink: _Counting, stats: Stats) -> None:
+    async def _one(self, client, item: BatchItem, sink: CountingSink, stats: Stats) -> None:
         try:
             body = await self._send(client, item, sink, stats)
         except ItemError as exc:
+            if exc.code == "connection_error":  # not this item's fault: leave it undone for the re-run
+                self._gone = self._gone or exc.message
+                return
             sink.error(item.custom_id, exc)
         except Exception as exc:  # noqa: BLE001 - one failure is one error line
             sink.error(item.custom_id, ItemError("client_error", f"{type(exc).__name__}: {exc}"))
@@ -970,7 +1007,7 @@ class HTTPBackend:
         for attempt in range(self.max_retries + 1):
             try:
                 resp = await client.post(path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 if attempt == self.max_retries:
                     raise ItemError("connection_error", f"{self.url}{path}: {exc}") from None
             else:
@@ -997,7 +1034,7 @@ class HTTPBackend:
             message = f"{err['param']}: {message}"
         raise ItemError(str(code), f"HTTP {resp.status_code}: {message}")
 
-    async def _send(self, client, item: BatchItem, sink: _Counting, stats: Stats) -> dict[str, Any]:
+    async def _send(self, client, item: BatchItem, sink: CountingSink, stats: Stats) -> dict[str, Any]:
         body = dict(item.body)
         if self.model:
             body["model"] = self.model
@@ -1044,6 +1081,6 @@ class HTTPBackend:
 
 
 __all__ = [
-    "BatchItem", "ItemError", "OutputFile", "MemorySink", "Stats", "ProgressView", "EngineBackend", "HTTPBackend",
+    "BatchItem", "BatchAborted", "ItemError", "OutputFile", "MemorySink", "Stats", "ProgressView", "EngineBackend", "HTTPBackend",
     "run_batch", "read_items", "parse_line", "ENDPOINTS",
 ]

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .asr import timestamp
-from .batch import TRANSCRIBE, BatchItem, ItemError, MemorySink, ProgressView, Stats, _Counting
+from .batch import TRANSCRIBE, BatchItem, ItemError, MemorySink, ProgressView, Stats, CountingSink
 
 RATE = 16000
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".mkv", ".mov", ".wma"}
@@ -199,7 +199,7 @@ def transcribe_files(
     stats = Stats(total=len(items))
     sink = MemorySink()
     with ProgressView(stats, enabled=progress, description="transcribe") as view:
-        backend.run(items, _Counting(sink, stats, view), stats)
+        backend.run(items, CountingSink(sink, stats, view), stats)
     for cid, res in sink.results.items():
         k, j = (int(x) for x in cid.split(":"))
         t = transcripts[k]

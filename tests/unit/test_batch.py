@@ -244,3 +244,38 @@ def test_local_media_paths_are_inlined_for_a_server(tmp_path):
     local = rewrite_local_media(body, tmp_path, inline=False)
     assert local["messages"][0]["content"][0]["image_url"]["url"] == str(tmp_path / "p.png")
     assert body["messages"][0]["content"][0]["image_url"]["url"] == "p.png"  # the input is left alone
+
+
+def test_retry_failed_redoes_only_failed_items(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([_line("ok", "/v1/chat/completions", {}),
+                              _line("flaky", "/v1/chat/completions", {"fail": True}), "garbage"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    run_batch(inp, out, FakeBackend(), progress=False)
+    inp.write_text(inp.read_text().replace('{"fail": true}', "{}"))  # what made it fail is fixed
+    plain = FakeBackend()
+    run_batch(inp, out, plain, progress=False)
+    assert plain.seen == []  # a plain resume keeps the error
+    again = FakeBackend()
+    stats = run_batch(inp, out, again, progress=False, retry_failed=True)
+    assert again.seen == ["flaky"] and stats.done == 1 and stats.errors == 0
+    rows = read_output(out)
+    assert len(rows) == 3 and sorted(str(r["custom_id"]) for r in rows) == ["None", "flaky", "ok"]
+    assert [r["error"]["code"] for r in rows if r["error"]] == ["invalid_json"]  # the bad line is not redone
+
+
+def test_a_lost_server_stops_the_job_and_leaves_items_undone(tmp_path):
+    import socket
+
+    from thinktalk.batch import BatchAborted, HTTPBackend
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(_line(f"c{i}", "/v1/chat/completions", _chat("hi")) + "\n" for i in range(5)) + "oops\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(BatchAborted, match="run again to resume"):
+        run_batch(inp, out, HTTPBackend(f"http://127.0.0.1:{port}", concurrency=2, max_retries=1), progress=False)
+    rows = read_output(out) if out.exists() else []
+    assert all(r["custom_id"] is None for r in rows)  # at most the bad line; no item marked failed
