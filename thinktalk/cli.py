@@ -244,6 +244,7 @@ def batch(
     max_num_seqs: int = typer.Option(32, min=1, help="requests the engine decodes together (in-process)"),
     max_speech_seconds: Optional[float] = typer.Option(None, min=0.1, help="longest spoken answer (in-process)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (in-process)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="do the items whose result is an error again"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ):
     """Run an OpenAI Batch file (chat completions, speech, transcriptions) in-process or against a server.
@@ -252,11 +253,13 @@ def batch(
     server). Bad lines and failed items become error lines and the job goes on; audio is saved in
     OUTPUT's stem + '.audio/' folder; items already in OUTPUT are skipped, so re-running resumes.
     """
-    from .batch import OutputFile, count_todo, run_batch
+    from .batch import BatchAborted, OutputFile, count_todo, run_batch
 
-    existing = OutputFile(output)
+    existing = OutputFile(output, retry_failed=retry_failed)
     existing.close()
     todo = count_todo(input_file, existing.done_ids, existing.done_lines)
+    if existing.dropped:
+        console.print(f"retrying {existing.dropped} failed items")
     if existing.previous:
         console.print(f"resuming: {existing.previous} results already in {output}, {todo} to go")
     if todo == 0:
@@ -264,7 +267,11 @@ def batch(
         return
     backend = _batch_backend(model, url, api_key, concurrency, device, max_num_seqs, max_speech_seconds,
                              request_model=request_model)
-    stats = run_batch(input_file, output, backend, progress=not no_progress)
+    try:
+        stats = run_batch(input_file, output, backend, progress=not no_progress)
+    except BatchAborted as exc:
+        console.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(3)
     audio = f", {stats.audio_seconds:.1f} s of audio" if stats.audio_seconds else ""
     colour = "red" if stats.errors else "green"
     console.print(f"[{colour}]{stats.done} done, {stats.errors} errors[/{colour}], {stats.skipped} skipped "
