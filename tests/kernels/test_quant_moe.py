@@ -88,11 +88,14 @@ def test_sparse_moe_with_quant_experts():
     print(f"SparseMoE with int8 experts: relative error {rel:.4f}")
     assert rel < 0.02
     assert torch.equal(moe.experts.gate_up_proj[1], moe.experts.gate_up_proj.dequantize()[1])
-    # a class-level swap of the float kernel leaves the quantized instance alone
-    old = SparseMoE.experts_fn
+    # installing the float kernel (per instance or on the class) leaves quantized experts alone
+    assert isinstance(moe, SparseMoE)
+    moe.experts_fn = lambda *a, **k: (_ for _ in ()).throw(AssertionError("float kernel used"))
+    assert moe.experts_fn is quant_experts_fn
+    old = SparseMoE.__dict__["experts_fn"]  # the staticmethod object itself, to restore as it was
     try:
         SparseMoE.experts_fn = staticmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("float kernel used")))
-        moe(x)
+        assert torch.equal(moe(x), got)
     finally:
         SparseMoE.experts_fn = old
 

@@ -208,8 +208,32 @@ class QuantExperts(nn.Module):
         return q
 
 
+class _QuantExpertsFn:
+    """SparseMoE.experts_fn of a module whose experts are quantized: always quant_experts_fn.
+
+    The engine may install the float fused-MoE kernel on every SparseMoE (class-level or per
+    instance); that kernel cannot read packed weights, so assignments are ignored here.
+    """
+
+    @property
+    def experts_fn(self):
+        return quant_experts_fn
+
+    @experts_fn.setter
+    def experts_fn(self, fn):
+        pass
+
+
+_QUANT_CLASSES: dict[type, type] = {}
+
+
 def install_quant_experts(moe: nn.Module, experts: QuantExperts) -> None:
-    """Put quantized experts into a SparseMoE: its experts_fn becomes quant_experts_fn (per instance,
-    so a class-level swap of SparseMoE.experts_fn to the bf16 fused kernel leaves it alone)."""
+    """Put quantized experts into a SparseMoE (its class becomes a subclass whose experts_fn is
+    pinned to quant_experts_fn; isinstance(moe, SparseMoE) still holds)."""
     moe.experts = experts
-    moe.experts_fn = quant_experts_fn
+    cls = type(moe)
+    if not issubclass(cls, _QuantExpertsFn):
+        if cls not in _QUANT_CLASSES:
+            _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (_QuantExpertsFn, cls), {})
+        moe.__class__ = _QUANT_CLASSES[cls]
+    moe.__dict__.pop("experts_fn", None)

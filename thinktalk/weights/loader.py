@@ -78,25 +78,34 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     with_talker: bool | None = None,
     progress: bool = True,
+    quantization=None,
 ):
     """Build the model described by `folder/config.json` and fill it from the folder's shards.
 
     with_talker=False skips the talker and code2wav (text-only serving); their tensors are then
     ignored, not reported as unexpected.
+    quantization: None | "fp8" | "int8" | "int4" | weights.quant.QuantConfig — quantize while
+    loading; pre-quantized checkpoints are detected from config.json (see weights/quant.py).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a directory")
     cfg = load_config(folder)
     files = shard_files(folder)
-    model = build_model(cfg, device, dtype, with_talker)
-    load_weights(model, files, progress=progress)
+    from .quant import load_hook
+
+    hook = load_hook(folder, cfg, files, quantization, device, dtype)
+    model = hook.build_model(with_talker) if hook else build_model(cfg, device, dtype, with_talker)
+    load_weights(model, files, progress=progress, hook=hook)
     return model
 
 
-def load_weights(model, files: list[Path], progress: bool = True) -> None:
+def load_weights(model, files: list[Path], progress: bool = True, hook=None) -> None:
     params = dict(model.named_parameters())
-    params.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
+    persistent = model.state_dict().keys()  # once: per buffer it is quadratic in the model size
+    params.update({n: b for n, b in model.named_buffers() if n in persistent})
+    if hook is not None:  # packed weights and scales are the hook's to fill and check
+        params = {n: p for n, p in params.items() if not hook.owns(n)}
     # elements of each parameter filled so far: stacked experts are filled piece by piece
     filled = {name: 0 for name in params}
     skipped_prefixes = () if model.has_talker else ("talker.", "code2wav.")
@@ -109,6 +118,8 @@ def load_weights(model, files: list[Path], progress: bool = True) -> None:
         with handle:
             for key in handle.keys():
                 if key.startswith(skipped_prefixes):
+                    continue
+                if hook is not None and hook.consume(key, handle):  # quantized modules
                     continue
                 target = to_ours(key)
                 param = params.get(target.name)
@@ -133,5 +144,7 @@ def load_weights(model, files: list[Path], progress: bool = True) -> None:
         problems.append(f"missing tensors: {_names_list(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_names_list(unexpected)}")
+    if hook is not None:
+        problems.extend(hook.problems())
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
