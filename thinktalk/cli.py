@@ -1,4 +1,4 @@
-"""Command line: run · chat · make-tiny · serve."""
+"""Command line: run · chat · make-tiny · quantize · serve."""
 
 from __future__ import annotations
 
@@ -17,11 +17,20 @@ out = Console()
 ModelOpt = typer.Option(None, "--model", "-m", help="checkpoint folder (default: the tiny random demo model)")
 
 
-def _load(model: Optional[Path], device: Optional[str], talker: bool = True):
+DTypeOpt = typer.Option(None, "--dtype", help="bfloat16 | float16 (default: bfloat16 on GPU, float32 on CPU)")
+QuantOpt = typer.Option(
+    None, "--quantization", help="fp8 | int8 | int4 (suffixes: -asym, -g64, -block128); pre-quantized checkpoints need none"
+)
+
+
+def _load(model: Optional[Path], device: Optional[str], talker: bool = True, dtype=None, quantization=None):
     from .api import RANDOM_WEIGHTS_NOTICE, Omni
 
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        console.print(f"[red]error:[/red] --dtype {dtype}: expected bfloat16, float16 or float32")
+        raise typer.Exit(2)
     with console.status("loading model..."):
-        omni = Omni.load(model, device=device, talker=talker, progress=False)
+        omni = Omni.load(model, device=device, talker=talker, progress=False, dtype=dtype, quantization=quantization)
     if omni.random_weights:
         console.print(f"[yellow]{RANDOM_WEIGHTS_NOTICE}[/yellow]")
     return omni
@@ -69,13 +78,15 @@ def run(
     seed: Optional[int] = typer.Option(None),
     stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
+    dtype: Optional[str] = DTypeOpt,
+    quantization: Optional[str] = QuantOpt,
 ):
     """Answer one prompt, with optional images, audio and video, and optionally speak it."""
     from .errors import InputError
 
     if speech_out and not speaker:
         speaker = "Ethan"
-    omni = _load(model, device, talker=speaker is not None)
+    omni = _load(model, device, talker=speaker is not None, dtype=dtype, quantization=quantization)
     messages = [{"role": "system", "content": system}] if system else []
     messages.append(_user_message(prompt, image, audio, video))
     try:
@@ -105,11 +116,13 @@ def chat(
     preset: Optional[str] = typer.Option(None, "--preset"),
     max_new_tokens: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = DTypeOpt,
+    quantization: Optional[str] = QuantOpt,
 ):
     """Interactive chat that keeps the conversation. Attach media with /image, /audio, /video PATH."""
     from .errors import InputError
 
-    omni = _load(model, device, talker=speaker is not None)
+    omni = _load(model, device, talker=speaker is not None, dtype=dtype, quantization=quantization)
     messages = [{"role": "system", "content": system}] if system else []
     attachments: list[dict] = []
     console.print("type a message; /image /audio /video PATH attach media, /reset clears, /quit leaves")
@@ -166,6 +179,27 @@ def make_tiny_cmd(
 
 
 @app.command()
+def quantize(
+    src: Path = typer.Argument(..., help="bf16 checkpoint folder"),
+    dst: Path = typer.Argument(..., help="folder to write (must not exist or be empty)"),
+    method: str = typer.Option(..., "--method", help="fp8 | int8 | int4"),
+    group_size: int = typer.Option(128, "--group-size", help="int: columns per scale (0: per output channel)"),
+    asym: bool = typer.Option(False, "--asym", help="int: asymmetric (zero points)"),
+    fp8_block: int = typer.Option(0, "--fp8-block", help="fp8: 128 for 128x128 block scales (Qwen's format); 0: per channel"),
+    include_encoders: bool = typer.Option(False, "--include-encoders", help="also quantize the audio/vision encoders"),
+    device: Optional[str] = typer.Option(None, help="where to quantize (default: cuda if present)"),
+):
+    """Write a pre-quantized checkpoint (safetensors + quantization_config) that loads fast."""
+    from .weights.quant import quantize_checkpoint
+
+    path = quantize_checkpoint(
+        src, dst, method, group_size or None, not asym, fp8_block=fp8_block or None,
+        include=("encoders",) if include_encoders else (), device=device,
+    )
+    console.print(f"wrote {method} checkpoint to {path}")
+
+
+@app.command()
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint folder (default: the demo model)"),
     demo: bool = typer.Option(False, "--demo", help="serve the demo model: tiny random weights, meaningless output"),
@@ -182,7 +216,8 @@ def serve(
     allowed_local_media_path: Optional[Path] = typer.Option(
         None, help="serve file:// and path media only from under this folder"),
     max_speech_seconds: Optional[float] = typer.Option(
-        None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),
+        None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),    random_weights: bool = typer.Option(False, "--random-weights", hidden=True,
+                                        help="full-size model with random weights (benchmarks; no checkpoint)"),
 ):
     """OpenAI-compatible HTTP server: chat (text, image, audio, video in; text and speech out), speech,
     transcriptions, translations; /health, /metrics and a web page at /."""
@@ -191,6 +226,9 @@ def serve(
 
     if model is not None and demo:
         console.print("[red]error:[/red] give --model or --demo, not both")
+        raise typer.Exit(2)
+    if random_weights and (model is not None or demo):
+        console.print("[red]error:[/red] --random-weights takes neither --model nor --demo")
         raise typer.Exit(2)
     if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
         console.print(f"[red]error:[/red] --allowed-local-media-path {allowed_local_media_path}: not a folder")
@@ -204,7 +242,7 @@ def serve(
         model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
         device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
-        max_speech_s=max_speech_seconds,
+        max_speech_s=max_speech_seconds, random_weights=random_weights,
     )
     raise typer.Exit(run_server(opts))
 
