@@ -219,3 +219,26 @@ def test_dtype_cast_keeps_codes(tiny_instruct):
     model.half()
     assert w.qweight.dtype == FP8_DTYPE and torch.equal(w.qweight.view(torch.uint8), codes.view(torch.uint8))
     assert w.scale.dtype == torch.float32
+
+
+def test_cli_quantize_and_run(tiny_instruct, tmp_path):
+    from typer.testing import CliRunner
+
+    from thinktalk.cli import app
+
+    runner = CliRunner()
+    dst = tmp_path / "int8"
+    r = runner.invoke(app, ["quantize", str(tiny_instruct), str(dst), "--method", "int8", "--group-size", "32",
+                            "--asym", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    assert "thinker.lm_head" in qc["ignore"]
+    with use_backend("reference"):
+        r = runner.invoke(app, ["run", "hi", "-m", str(dst), "--max-new-tokens", "3", "--device", "cpu", "--dtype", "bfloat16"])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["run", "hi", "-m", str(tiny_instruct), "--max-new-tokens", "3", "--device", "cpu",
+                                "--quantization", "int4"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["run", "hi", "-m", str(tiny_instruct), "--dtype", "float8"])
+    assert r.exit_code == 2
