@@ -60,6 +60,7 @@ class ServeOptions:
     allowed_local_media_path: Path | None = None
     drain_timeout_s: float = 30.0
     max_speech_s: float | None = None  # cap on one spoken answer (None: the talker's own limit)
+    random_weights: bool = False  # full-size random weights, no checkpoint (benchmarks: --random-weights)
 
 
 class ServerState:
@@ -183,8 +184,14 @@ class ServerState:
 
         try:
             t0 = time.perf_counter()
-            omni = Omni.load(self.opts.model, device=self.opts.device, talker=self.opts.talker,
-                             engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs), progress=False)
+            if self.opts.random_weights:
+                from .random_model import load_random_omni
+
+                omni = load_random_omni(device=self.opts.device, talker=self.opts.talker,
+                                        engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs))
+            else:
+                omni = Omni.load(self.opts.model, device=self.opts.device, talker=self.opts.talker,
+                                 engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs), progress=False)
         except BaseException as exc:  # noqa: BLE001 - any load failure ends the process, with its reason
             log.error("loading the model failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
             self.loop.call_soon_threadsafe(self.fail, f"loading the model failed: {exc}")
