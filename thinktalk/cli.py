@@ -216,7 +216,8 @@ def serve(
     allowed_local_media_path: Optional[Path] = typer.Option(
         None, help="serve file:// and path media only from under this folder"),
     max_speech_seconds: Optional[float] = typer.Option(
-        None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),    random_weights: bool = typer.Option(False, "--random-weights", hidden=True,
+        None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),
+    random_weights: bool = typer.Option(False, "--random-weights", hidden=True,
                                         help="full-size model with random weights (benchmarks; no checkpoint)"),
 ):
     """OpenAI-compatible HTTP server: chat (text, image, audio, video in; text and speech out), speech,
