@@ -1,26 +1,31 @@
 """The thinker's step loop: schedule -> run -> postprocess, with continuous batching.
 
-Every step packs the new tokens of all running requests into one batch: whole prompts of
-newly admitted requests (prefill) and one token of each decoding request. A request is admitted
+Every step packs the new tokens of all running requests into one batch: the prompts (or, with
+chunked prefill, prompt chunks) of newly admitted requests and one token of each decoding request. A request is admitted
 when it arrives and leaves the batch the step it finishes or is aborted, so short and long
 requests share the model without waiting for each other.
 
-This is the reference (pure PyTorch) path: each request keeps its keys and values in a
-contiguous per-request cache (`layers.attention.ContiguousKV`).
+Where keys and values live is the KV pool's business (kv_cache.py): `kv_backend="contiguous"`
+is the reference path, a growing tensor per request (`layers.attention.ContiguousKV`);
+`kv_backend="paged"` shares a preallocated paged cache in blocks, with admission bounded by free
+blocks, preemption by recompute and prefix reuse. Which tokens a step computes (admission, chunked
+prefill, preemption) is decided by scheduler.py, the same for both.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ContextLengthError
+from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import ContiguousKV, SequenceKV
+from .layers.moe import SparseMoE
 from .request import Request, Status
 from .sampler import sample_one, top_logprobs
+from .scheduler import Batch, Scheduler, captured_tokens
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +42,19 @@ class StepOutput:
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64  # requests decoded together
-    max_prefill_tokens: int = 16384  # prompt tokens admitted per step
+    max_prefill_tokens: int = 16384  # prompt tokens computed per step
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-
-
-@dataclass
-class _Batch:
-    requests: list[Request]
-    input_ids: torch.Tensor
-    positions: torch.Tensor  # [3, N]
-    new_lens: list[int]
-    prefill: list[bool] = field(default_factory=list)
+    chunked_prefill: bool = True  # cut long prompts to the budget so decodes keep running
+    kv_backend: str = "contiguous"  # "contiguous" (reference) | "paged"
+    # paged KV cache
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: sized from the memory budget below
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + activations + KV
+    cpu_kv_cache_gib: float = 1.0  # KV budget on the CPU
+    enable_prefix_caching: bool = True
+    kv_watermark: float = 0.01  # share of blocks kept free when admitting (fewer preemptions)
+    decode_attention: str = "auto"  # "auto" (Triton on CUDA) | "triton" | "torch"
+    moe_kernel: str = "torch"  # "torch" (reference) | "triton" (fused MoE kernel)
 
 
 class Engine:
@@ -61,8 +68,31 @@ class Engine:
         # hidden-state index the talker reads (transformers' numbering; 0 = embeddings)
         self.capture_layer = capture_layer
         self.device = next(model.parameters()).device
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        if self.config.moe_kernel == "triton":
+            from .kernels.fused_moe import fused_moe
+
+            for module in model.modules():
+                if isinstance(module, SparseMoE):
+                    module.experts_fn = fused_moe
+        self.pool = self._make_pool()
+        self.block_manager = self.pool.block_manager  # None on the contiguous path
+        if self.block_manager is not None:  # a request must fit the whole cache
+            self.max_model_len = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.pool)
+        self._mm_embeds: dict[str, tuple] = {}  # full-prompt embeddings of multimodal requests in prefill
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        return self.scheduler.running
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: prefill_tokens computed, cached_tokens reused from the prefix cache, preemptions."""
+        return self.scheduler.stats
 
     # -- public API -------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -74,19 +104,15 @@ class Engine:
         req.sampling.max_new_tokens = min(req.sampling.max_new_tokens, limit - len(req.prompt_ids))
         if req.sampling.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
-        req.kv = SequenceKV()
         if req.speaker is not None and self.capture_layer is not None:
             req.capture = {0: [], self.capture_layer: []}
-        self.waiting.append(req)
+        self.scheduler.add(req)
 
     def abort(self, request_id: str) -> Request | None:
-        for queue in (self.running, self.waiting):
-            for req in list(queue):
-                if req.request_id == request_id:
-                    queue.remove(req)
-                    self._finish(req, "abort")
-                    return req
-        return None
+        req = self.scheduler.remove(request_id)  # frees its KV blocks at once
+        if req is not None:
+            self._finish(req, "abort")
+        return req
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -100,49 +126,31 @@ class Engine:
         return self._postprocess(batch, logits)
 
     # -- the three phases ----------------------------------------------------------------------
-    def _schedule(self) -> _Batch | None:
-        budget = self.config.max_prefill_tokens
-        admitted = []
-        while self.waiting and len(self.running) + len(admitted) < self.config.max_num_seqs:
-            n = len(self.waiting[0].prompt_ids)
-            if admitted and n > budget:
-                break
-            admitted.append(self.waiting.popleft())
-            budget -= n
-        for req in admitted:
-            req.status = Status.RUNNING
-        reqs = admitted + self.running
-        if not reqs:
-            return None
-        ids, pos, lens = [], [], []
-        for req in admitted:
-            ids.append(torch.tensor(req.prompt_ids))
-            pos.append(req.positions)
-            lens.append(len(req.prompt_ids))
-        for req in self.running:
-            p = req.num_tokens - 1 + req.rope_delta
-            ids.append(torch.tensor(req.output_ids[-1:]))
-            pos.append(torch.full((3, 1), p, dtype=torch.long))
-            lens.append(1)
-        self.running = reqs
-        return _Batch(
-            reqs, torch.cat(ids).to(self.device), torch.cat(pos, dim=1).to(self.device), lens,
-            [True] * len(admitted) + [False] * (len(reqs) - len(admitted)),
-        )
+    def _schedule(self) -> Batch | None:
+        return self.scheduler.schedule()
 
-    def _run(self, batch: _Batch) -> torch.Tensor:
+    def _run(self, batch: Batch) -> torch.Tensor:
         embeds, deepstack = self._embed(batch)
-        kv = ContiguousKV([r.kv for r in batch.requests], batch.new_lens)
+        kv = self.pool.backend(batch, self.device)
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
-        hidden, captured = self.thinker(embeds, batch.positions, kv, deepstack, capture)
-        last = torch.tensor(batch.new_lens, device=self.device).cumsum(0) - 1
+        positions = batch.positions.to(self.device, non_blocking=True)
+        hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
         if capture:
-            self._keep_hidden(batch, embeds, captured)
-        return self.thinker.logits(hidden[last]).float()
+            self._keep_hidden(batch, captured)
+        last = torch.tensor(batch.new_lens).cumsum(0) - 1
+        rows = last[torch.tensor(batch.sample, dtype=torch.bool)].to(self.device)
+        return self.thinker.logits(hidden[rows]).float()
 
-    def _postprocess(self, batch: _Batch, logits: torch.Tensor) -> list[StepOutput]:
+    def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
         outputs = []
-        for req, row in zip(batch.requests, logits):
+        sampled = iter(logits)
+        for req, start, n, sample in batch.rows:
+            self.pool.commit(req, start + n)
+            if start + n >= len(req.prompt_ids):
+                self._mm_embeds.pop(req.request_id, None)
+            if not sample:
+                continue  # a prompt chunk that does not reach the end: nothing to sample yet
+            row = next(sampled)
             token, logprobs = sample_one(row, req.sampling, req.prompt_ids, req.output_ids, req.generator)
             req.output_ids.append(token)
             if req.sampling.logprobs is not None:
@@ -153,38 +161,98 @@ class Engine:
             elif len(req.output_ids) >= req.sampling.max_new_tokens:
                 reason = "length"
             if reason:
-                self.running.remove(req)
+                self.scheduler.finish(req)
                 self._finish(req, reason)
             outputs.append(StepOutput(req, token, reason is not None))
         return outputs
 
     # -- helpers ------------------------------------------------------------------------------
-    def _embed(self, batch: _Batch):
+    def _embed(self, batch: Batch):
+        ids_all = batch.input_ids.to(self.device, non_blocking=True)
         parts, masks, feats = [], [], None
-        start = 0
-        for req, n, is_prefill in zip(batch.requests, batch.new_lens, batch.prefill):
-            ids = batch.input_ids[start : start + n]
-            e, deep = self.thinker.embed(ids, req.mm if is_prefill else None)
+        offset = 0
+        for req, start, n, _ in batch.rows:
+            ids = ids_all[offset : offset + n]
+            if req.mm is not None and start < len(req.prompt_ids):
+                e, deep = self._embed_prompt_part(req, ids, start, n)
+            else:
+                e, deep = self.thinker.embed(ids)
             parts.append(e)
             mask = torch.zeros(n, dtype=torch.bool, device=self.device)
             if deep is not None:
                 mask = deep[0]
                 feats = [d if feats is None else torch.cat([feats[i], d]) for i, d in enumerate(deep[1])]
             masks.append(mask)
-            start += n
+            offset += n
         embeds = torch.cat(parts)
         deepstack = (torch.cat(masks), feats) if feats is not None else None
         return embeds, deepstack
 
-    def _keep_hidden(self, batch: _Batch, embeds: torch.Tensor, captured: dict[int, torch.Tensor]) -> None:
-        start = 0
-        for req, n in zip(batch.requests, batch.new_lens):
+    def _embed_prompt_part(self, req: Request, ids: torch.Tensor, start: int, n: int):
+        """Embeddings of tokens start..start+n-1 of a multimodal request (its media scattered in)."""
+        prompt_len = len(req.prompt_ids)
+        if start == 0 and n == prompt_len:
+            return self.thinker.embed(ids, req.mm)
+        # a chunk or a suffix after a cached prefix: the encoders see the whole prompt once, the
+        # result is kept until the prompt is done
+        if req.request_id not in self._mm_embeds:
+            prompt = torch.tensor(req.prompt_ids, device=self.device)
+            self._mm_embeds[req.request_id] = self.thinker.embed(prompt, req.mm)
+        full, deep = self._mm_embeds[req.request_id]
+        end = min(start + n, prompt_len)
+        e = full[start:end]
+        if end < start + n:  # generated tokens after the prompt (recompute after preemption)
+            e = torch.cat([e, self.thinker.embed(ids[end - start :])[0]])
+        if deep is None:
+            return e, None
+        mask = torch.zeros(n, dtype=torch.bool, device=self.device)
+        mask[: end - start] = deep[0][start:end]
+        first = int(deep[0][:start].sum())
+        count = int(mask.sum())
+        if count == 0:
+            return e, None
+        return e, (mask, [f[first : first + count] for f in deep[1]])
+
+    def _keep_hidden(self, batch: Batch, captured: dict[int, torch.Tensor]) -> None:
+        offset = 0
+        for req, start, n, _ in batch.rows:
             if req.capture is not None:
+                # rows already kept (a recompute after preemption repeats them) are skipped
+                skip = min(n, max(0, captured_tokens(req) - start))
                 for layer in req.capture:
-                    req.capture[layer].append(captured[layer][start : start + n])
-            start += n
+                    if skip < n:
+                        req.capture[layer].append(captured[layer][offset + skip : offset + n])
+            offset += n
+
+    def _make_pool(self):
+        cfg = self.config
+        if cfg.kv_backend == "contiguous":
+            return ContiguousPool()
+        if cfg.kv_backend != "paged":
+            raise ValueError(f"kv_backend must be 'contiguous' or 'paged', not {cfg.kv_backend!r}")
+        text = self.thinker.cfg.text_config
+        dtype = next(self.thinker.parameters()).dtype
+        head_dim = text.get("head_dim") or text.hidden_size // text.num_attention_heads
+        num_blocks = plan_num_blocks(cfg, text, dtype, self.device, self.max_model_len, profile=self._profile_prefill)
+        t = self.thinker.cfg
+        return PagedPool(
+            text.num_hidden_layers, num_blocks, cfg.block_size, text.num_key_value_heads, head_dim, dtype,
+            self.device, cfg.enable_prefix_caching,
+            placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
+            decode_attention=cfg.decode_attention,
+        )
+
+    @torch.inference_mode()
+    def _profile_prefill(self) -> None:
+        """A dummy text prefill of the largest step, to measure the activation peak before sizing KV."""
+        n = min(self.config.max_prefill_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)[None].expand(3, -1)
+        hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
+        self.thinker.logits(hidden[-1:])
 
     def _finish(self, req: Request, reason: str) -> None:
         req.status = Status.FINISHED
         req.finish_reason = reason
-        req.kv = None  # frees the request's keys and values
+        req.kv = None  # its keys and values (the pool freed its blocks)
+        self._mm_embeds.pop(req.request_id, None)

@@ -12,8 +12,13 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 
+# Read once, when the kernel modules are imported: that is when @triton.jit decides between the
+# compiler and the CPU interpreter, so setting the variable later changes nothing.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 def available(device: torch.device | str) -> bool:

@@ -3,10 +3,10 @@
 `fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)` has the signature of
 `layers.moe.moe_reference`, the pure-torch reference, so `SparseMoE.experts_fn` can be swapped.
 
-How it works (three launches, no host synchronisation, so a decode step can be CUDA-graphed):
+How it works (no host synchronisation, so a decode step can be CUDA-graphed):
 
-1. `moe_align` (torch ops): the N*K (token, slot) pairs are sorted by expert and each expert's
-   group is padded to a multiple of BLOCK_M with a sentinel row. The result is a static-size row
+1. `moe_align` (three tiny Triton kernels; `moe_align_torch` is the same in torch ops): the N*K
+   (token, slot) pairs are sorted by expert and each expert's group is padded to a multiple of BLOCK_M with a sentinel row. The result is a static-size row
    list `sorted_ids` (upper bound N*K + min(E, N*K) * (BLOCK_M - 1)) and one expert id per block of
    BLOCK_M rows (-1 for the unused tail blocks, whose programs exit at once).
 2. `_gate_up_kernel`: a grouped GEMM, one program per (row block, column block of I). It gathers
@@ -33,7 +33,12 @@ from .common import available, dot_in_fp32, dot_precision, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["fused_moe", "moe_align", "moe_reference", "available"]
+__all__ = ["fused_moe", "moe_align", "moe_align_torch", "moe_reference", "available"]
+
+
+def _align_shape(nk: int, num_experts: int, block_m: int) -> int:
+    """Blocks of block_m rows enough for any routing: N*K rows + up to block_m - 1 padding per used expert."""
+    return -(-(nk + min(num_experts, nk) * (block_m - 1)) // block_m)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -41,8 +46,34 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
     Returns (sorted_ids [P] int32: flat index token*K + slot, or N*K for padding;
     expert_ids [P // block_m] int32: the expert of each block, -1 past the used blocks).
-    P is a static upper bound, so shapes depend only on N*K, E and block_m.
+    P is a static upper bound, so shapes depend only on N*K, E and block_m. Three small Triton
+    kernels where they can run (count per expert; prefix sums, block experts and padding; scatter
+    with an atomic cursor per expert, so pairs of one expert land in any order), else torch.
     """
+    if not available(topk_ids.device):
+        return moe_align_torch(topk_ids, num_experts, block_m)
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    nk = ids.numel()
+    num_blocks = _align_shape(nk, num_experts, block_m)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    e_pad = triton.next_power_of_2(num_experts + 1)  # + a bin for masked-off lanes
+    chunk = 1024
+    grid = (triton.cdiv(nk, chunk),)
+    _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk)
+    _align_offsets_kernel[(1,)](
+        counts, cursor, expert_ids, sorted_ids, nk, num_blocks,
+        NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCKS=32, ROWS=1024,
+    )
+    _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk)
+    return sorted_ids, expert_ids
+
+
+def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """`moe_align` in torch ops (no host sync either); pairs of one expert stay in index order."""
     device = topk_ids.device
     flat = topk_ids.flatten().long()
     nk = flat.numel()
@@ -54,8 +85,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     order = torch.argsort(flat, stable=True)
     by_expert = flat[order]
     rank = torch.arange(nk, device=device) - (counts.cumsum(0) - counts)[by_expert]
-    max_rows = nk + min(num_experts, nk) * (block_m - 1)
-    num_blocks = -(-max_rows // block_m)
+    num_blocks = _align_shape(nk, num_experts, block_m)
     sorted_ids = torch.full((num_blocks * block_m,), nk, dtype=torch.int32, device=device)
     sorted_ids[starts[by_expert] + rank] = order.to(torch.int32)
     block_start = torch.arange(num_blocks, device=device) * block_m
@@ -71,6 +101,47 @@ def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _align_count_kernel(ids_ptr, counts_ptr, nk, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < nk, other=NUM_EXPERTS)  # masked lanes: the spare bin
+        hist = tl.histogram(ids, E_PAD)
+        bins = tl.arange(0, E_PAD)
+        tl.atomic_add(counts_ptr + bins, hist, mask=bins < NUM_EXPERTS)
+
+    @triton.jit
+    def _align_offsets_kernel(
+        counts_ptr, cursor_ptr, expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
+        NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
+        experts = tl.arange(0, E_PAD)
+        used = experts < NUM_EXPERTS
+        counts = tl.load(counts_ptr + experts, mask=used, other=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        tl.store(cursor_ptr + experts, ends - padded, mask=used)
+        total = tl.sum(padded, 0)
+        for b0 in range(0, num_blocks, BLOCKS):
+            blocks = b0 + tl.arange(0, BLOCKS)
+            first_row = blocks * BLOCK_M
+            # the block's expert: how many experts' groups end at or before its first row
+            passed = (ends[None, :] <= first_row[:, None]) & used[None, :]
+            expert = tl.sum(passed.to(tl.int32), 1)
+            expert = tl.where(first_row < total, expert, -1)
+            tl.store(expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
+        for r0 in range(0, num_blocks * BLOCK_M, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            tl.store(sorted_ids_ptr + rows, tl.full((ROWS,), 0, tl.int32) + nk, mask=rows < num_blocks * BLOCK_M)
+
+    @triton.jit
+    def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, nk, CHUNK: tl.constexpr):
+        offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        ok = offs < nk
+        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        dest = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+        tl.store(sorted_ids_ptr + dest, offs, mask=ok)
 
     @triton.jit
     def _gate_up_kernel(

@@ -1,0 +1,239 @@
+"""The paged engine (block manager + paged KV + scheduler) against the contiguous reference engine.
+
+Tiny random thinker in fp32 on the CPU; the paged backend uses the torch reference of the decode
+kernel here (the Triton kernels themselves are tested in tests/kernels). Greedy tokens must be
+identical in every scenario: batching, chunked prefill, preemption, prefix reuse, media.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # only the test that asks for Triton uses it
+
+import pytest
+import torch
+
+from thinktalk.block_manager import media_digest
+from thinktalk.config import config_from_dict
+from thinktalk.engine import Engine, EngineConfig
+from thinktalk.models.thinker import MultimodalInputs
+from thinktalk.request import Request, SamplingParams
+from thinktalk.weights.loader import build_model
+from thinktalk.weights.tiny import randomize_
+from thinktalk.weights.tiny_config import tiny_config_dict
+
+EOS = [-1]  # never sampled: every request runs to max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = config_from_dict(tiny_config_dict())
+    return randomize_(build_model(cfg, "cpu", torch.float32, with_talker=False), seed=3)
+
+
+def _prompt(n, seed):
+    return torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _request(ids, n_new=10, mm=None, positions=None, rope_delta=0):
+    pos = positions if positions is not None else torch.arange(len(ids))[None].expand(3, -1).clone()
+    return Request(ids, pos, rope_delta, SamplingParams(temperature=0, max_new_tokens=n_new), mm=mm)
+
+
+def _run(model, config, requests):
+    engine = Engine(model, EOS, config)
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_work():
+        engine.step()
+    return [r.output_ids for r in requests], engine
+
+
+def _clone(r):
+    return _request(list(r.prompt_ids), r.sampling.max_new_tokens, r.mm, r.positions, r.rope_delta)
+
+
+def _paged(**kw):
+    kw = {"kv_backend": "paged", "block_size": 4, "num_kv_blocks": 64, **kw}
+    return EngineConfig(**kw)
+
+
+_REFERENCE: dict = {}  # contiguous-engine answers, computed once per distinct request
+
+
+def _key(r):
+    return tuple(r.prompt_ids), r.sampling.max_new_tokens, media_digest(vars(r.mm).values()) if r.mm else None
+
+
+def _reference(model, requests):
+    """Greedy tokens of the contiguous (reference) engine, one batch for the requests not yet seen."""
+    todo = {_key(r): _clone(r) for r in requests if _key(r) not in _REFERENCE}
+    if todo:
+        outs, _ = _run(model, EngineConfig(), list(todo.values()))
+        _REFERENCE.update(zip(todo, outs))
+    return [_REFERENCE[_key(r)] for r in requests]
+
+
+def _expect_same(model, config, requests):
+    ref = _reference(model, requests)
+    got, engine = _run(model, config, requests)
+    assert got == ref
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # all returned
+    return engine
+
+
+PROMPTS = [(5, 0), (37, 1), (20, 2), (61, 3)]
+
+
+def test_batched_greedy_equals_contiguous(model):
+    engine = _expect_same(model, _paged(), [_request(_prompt(n, s)) for n, s in PROMPTS])
+    assert engine.stats["preemptions"] == 0
+    assert engine.stats["prefill_tokens"] == sum(n for n, _ in PROMPTS)
+
+
+def test_chunked_prefill_equals_contiguous(model):
+    # a 16-token budget cuts the long prompts into chunks while the short ones decode
+    _expect_same(model, _paged(max_prefill_tokens=16), [_request(_prompt(n, s)) for n, s in PROMPTS])
+
+
+def test_forced_preemption_recomputes_identically(model):
+    # 20 blocks x 4 tokens: the four requests need 134 slots together, so decodes run out
+    engine = _expect_same(
+        model, _paged(num_kv_blocks=20, kv_watermark=0.0), [_request(_prompt(n, s)) for n, s in PROMPTS]
+    )
+    assert engine.stats["preemptions"] > 0
+
+
+def test_preemption_without_prefix_cache(model):
+    engine = _expect_same(
+        model, _paged(num_kv_blocks=20, kv_watermark=0.0, enable_prefix_caching=False, max_prefill_tokens=24),
+        [_request(_prompt(n, s)) for n, s in PROMPTS],
+    )
+    assert engine.stats["preemptions"] > 0 and engine.stats["cached_tokens"] == 0
+
+
+def test_prefix_reuse_on_second_turn(model):
+    first = _prompt(30, 7)
+    (answer,), engine = _run(model, _paged(), [_request(first)])
+    second = first + answer + _prompt(9, 8)  # the conversation goes on
+    ref = _reference(model, [_request(second)])
+
+    before = dict(engine.stats)
+    req = _request(second)
+    engine.add_request(req)
+    while engine.has_work():
+        engine.step()
+    assert req.output_ids == ref[0]
+    computed = engine.stats["prefill_tokens"] - before["prefill_tokens"]
+    cached = engine.stats["cached_tokens"] - before["cached_tokens"]
+    # the first turn's prompt and all but the last of its answer are in cache (full blocks of 4)
+    assert cached == (len(first) + len(answer) - 1) // 4 * 4
+    assert computed == len(second) - cached < len(second)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefix_shared_by_concurrent_requests(model):
+    system = _prompt(24, 9)
+    reqs = [_request(system + _prompt(6, 10 + i)) for i in range(3)]
+    engine = Engine(model, EOS, _paged())
+    engine.add_request(reqs[0])
+    engine.step()  # first request's prefill fills the cache
+    free = engine.block_manager.num_free_blocks
+    for r in reqs[1:]:
+        engine.add_request(r)
+    engine.step()
+    # the two newcomers share the 6 system blocks: each takes only ceil(30/4) - 6 = 2 new blocks
+    assert engine.block_manager.num_free_blocks == free - 2 * 2
+    assert engine.stats["cached_tokens"] == 2 * 24
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in reqs] == _reference(model, reqs)
+
+
+def test_requests_wait_when_cache_is_full(model):
+    # 10 blocks hold one 30-token request with its answer at a time; the others wait, none fails
+    engine = _expect_same(
+        model, _paged(num_kv_blocks=10, kv_watermark=0.0), [_request(_prompt(28, s), n_new=8) for s in range(3)]
+    )
+    assert engine.stats["preemptions"] == 0
+
+
+def test_abort_frees_blocks_at_once(model):
+    engine = Engine(model, EOS, _paged())
+    baseline = engine.block_manager.num_free_blocks
+    reqs = [_request(_prompt(n, s), n_new=50) for n, s in PROMPTS]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < baseline
+    for r in reqs:
+        assert engine.abort(r.request_id) is r and r.finish_reason == "abort" and r.kv is None
+    assert engine.block_manager.num_free_blocks == baseline
+    assert not engine.has_work()
+    assert engine.abort("no-such-request") is None
+
+
+def test_context_limit_is_the_cache(model):
+    engine = Engine(model, EOS, _paged(num_kv_blocks=4))
+    assert engine.max_model_len == 16
+    from thinktalk.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError):
+        engine.add_request(_request(_prompt(16, 0)))
+
+
+# -- multimodal: the media is part of the prefix key --------------------------------------------
+def _image_request(model, seed, n_new=6):
+    """Text, one 2-token image (grid 1x2x4 patches, merged 2x2), text: [3 + 2 + 11] tokens."""
+    cfg = model.thinker.cfg
+    v = cfg.vision_config
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pixels = torch.randn(8, patch, generator=torch.Generator().manual_seed(seed))
+    mm = MultimodalInputs(pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 4]]))
+    ids = [11, 12, 13] + [cfg.image_token_id] * 2 + _prompt(11, 42)
+    pos = torch.arange(len(ids))[None].repeat(3, 1)
+    pos[1, 4], pos[2, 4] = 4, 4  # a made-up but fixed M-RoPE layout for the image tokens
+    return _request(ids, n_new, mm=mm, positions=pos)
+
+
+def test_images_never_share_blocks(model):
+    a, b = _image_request(model, 0), _image_request(model, 1)  # same ids, different pixels
+    assert a.prompt_ids == b.prompt_ids
+    ref = _reference(model, [a, b])
+    assert ref[0] != ref[1]  # the image matters
+
+    engine = Engine(model, EOS, _paged())
+    for r in (a, b):  # one after the other, so b could find a's blocks
+        engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+    assert [a.output_ids, b.output_ids] == ref
+    assert engine.stats["cached_tokens"] == 0  # block 0 is [11, 12, 13, image]: not shareable
+
+    c = _image_request(model, 0)  # a's image again: its prompt blocks are reused
+    engine.add_request(c)
+    while engine.has_work():
+        engine.step()
+    assert c.output_ids == ref[0]
+    assert engine.stats["cached_tokens"] == 12
+
+
+def test_image_prompt_in_chunks(model):
+    # chunks of 3 tokens cut the image placeholders apart; deepstack features must follow
+    _expect_same(model, _paged(max_prefill_tokens=3), [_image_request(model, 0), _request(_prompt(9, 5))])
+
+
+def test_triton_kernels_in_the_engine(model):
+    """Paged decode kernel and fused MoE (Triton interpreter) inside the engine: same tokens."""
+    from thinktalk.kernels.common import available
+    from thinktalk.layers.moe import SparseMoE
+
+    if not available("cpu"):
+        pytest.skip("triton is not installed")
+    reqs = [_request(_prompt(n, s), n_new=4) for n, s in PROMPTS[:2]]
+    try:
+        _expect_same(model, _paged(decode_attention="triton", moe_kernel="triton"), reqs)
+    finally:
+        for m in model.modules():  # the engine swapped the experts function on these instances
+            if isinstance(m, SparseMoE):
+                m.__dict__.pop("experts_fn", None)
