@@ -1,0 +1,64 @@
+"""Where one-stream decode time goes: torch profiler over decode steps of the full-size thinker.
+
+    python benchmarks/profile_decode.py --out benchmarks/results/profile_decode_h200.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_thinker import text_request  # noqa: E402
+
+from thinktalk.config import reference_config  # noqa: E402
+from thinktalk.engine import Engine, EngineConfig  # noqa: E402
+from thinktalk.weights.loader import build_model  # noqa: E402
+from thinktalk.weights.tiny import randomize_  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--engine-config", default='{"kv_backend": "paged", "moe_kernel": "triton"}')
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
+    args = ap.parse_args()
+    model = randomize_(build_model(reference_config(), "cuda", torch.bfloat16, with_talker=False), 0)
+    engine = Engine(model, eos_token_ids=[], config=EngineConfig(**json.loads(args.engine_config)))
+    lines = []
+    for batch in args.batch:
+        reqs = [text_request(128, 64, seed=i) for i in range(batch)]
+        for r in reqs:
+            engine.add_request(r)
+        for _ in range(8):  # prefill and warm-up decodes
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / 10 * 1000
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.step()
+            torch.cuda.synchronize()
+        while engine.has_work():
+            for r in reqs:
+                engine.abort(r.request_id)
+        lines.append(f"=== batch {batch}: {step_ms:.2f} ms per decode step (wall, 10 steps)")
+        lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    text = "\n".join(lines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
