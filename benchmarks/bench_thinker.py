@@ -122,7 +122,8 @@ def bench_multimodal(engine: Engine, cfg, args) -> dict:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8))
     content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
     run_engine(engine, [mm_request(processor, cfg, content)])  # warm-up: vision kernels for this shape
-    content[1]["text"] = question.replace("please", "kindly", 1)  # not a prefix-cache hit
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 255, (720, 1280, 3), dtype=np.uint8))
+    content[0] = {"type": "image", "image": other}  # another image: no prefix-cache hit
     t0 = time.perf_counter()
     req = mm_request(processor, cfg, content)
     prep = time.perf_counter() - t0
