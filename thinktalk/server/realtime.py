@@ -791,6 +791,7 @@ class RealtimeSession:
         audio_task = None
         try:
             await self.emit(resp, {"type": "response.created", "response": self._response_dump(resp)})
+            st.require_ready()  # draining or broken: no new answers
             release = st.admit(1)
             item = Item(id=new_id("item"), role="assistant", status="in_progress", spoken=p.audio_out)
             sampling = sampling_from("conversational", temperature=p.temperature, max_new_tokens=p.max_tokens)
