@@ -59,7 +59,8 @@ def wait_idle(server, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
         h = server.health().json()
-        if (h["running"], h["waiting"], h["kv_used_tokens"], h["in_flight"]) == (0, 0, 0, 0):
+        if (h["running"], h["waiting"], h["kv_used_tokens"], h["in_flight"], h["speaking"], h["talker_kv_tokens"]) == (
+                0, 0, 0, 0, 0, 0):
             return h
         if time.monotonic() > deadline:
             raise AssertionError(f"server not idle: {h}")
@@ -225,6 +226,33 @@ def test_chat_audio_out_stream(client):
     assert transcript == text and finish in ("length", "stop")
 
 
+def test_speech_streams_while_the_text_is_written(client):
+    stream = client.chat.completions.create(model="tiny", messages=user(), max_tokens=40, temperature=0, stream=True,
+                                            modalities=["text", "audio"], audio={"voice": "Aiden", "format": "pcm16"})
+    kinds = []
+    for chunk in stream:
+        d = chunk.choices[0].delta.model_dump() if chunk.choices else {}
+        if d.get("audio") and d["audio"].get("data"):
+            kinds.append("audio")
+        elif d.get("content"):
+            kinds.append("text")
+    assert "audio" in kinds and kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("text")
+
+
+def test_disconnect_while_speaking_frees_the_talker(server):
+    wait_idle(server)
+    body = {"model": "tiny", "messages": user("talk"), "max_tokens": 3000, "stream": True,
+            "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "pcm16"}}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"audio"' in line:
+                    h = server.health().json()
+                    assert h["speaking"] + h["running"] >= 1
+                    break
+    wait_idle(server, timeout=30)
+
+
 @pytest.mark.parametrize("voice", VOICES)
 def test_speech_each_voice(client, voice):
     r = client.audio.speech.create(model="tiny", voice=voice, input="Hello there.", response_format="wav")
@@ -340,7 +368,8 @@ def test_metrics(server, client):
     for name in ("thinktalk_requests_total", "thinktalk_time_to_first_token_seconds_bucket",
                  "thinktalk_time_per_output_token_seconds_bucket", "thinktalk_time_to_first_audio_seconds_bucket",
                  "thinktalk_speech_real_time_factor_bucket", "thinktalk_num_requests_running",
-                 "thinktalk_num_requests_waiting", "thinktalk_kv_cache_used_tokens", "thinktalk_gpu_count"):
+                 "thinktalk_num_requests_waiting", "thinktalk_kv_cache_used_tokens", "thinktalk_gpu_count",
+                 "thinktalk_num_requests_speaking", "thinktalk_talker_kv_cache_used_tokens"):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",model_name="tiny",status="200"' in text
     assert 'status="400"' in text  # from the error tests

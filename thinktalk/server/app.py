@@ -210,7 +210,7 @@ class ServerState:
         self.model_path = omni.path
         self.tokens = Tokens(omni.processor)
         self.engine = AsyncEngine(
-            omni.engine, on_stats=self.metrics.set_engine,
+            omni.engine, speech=omni.speech_stage if omni.can_speak else None, on_stats=self.metrics.set_engine,
             on_fatal=lambda exc: self.loop.call_soon_threadsafe(self.fail, f"engine thread died: {exc!r}"),
         )
         self.engine.start(self.loop)

@@ -1,9 +1,15 @@
-"""The engine in a thread of its own, fed by a thread-safe queue, read through asyncio queues.
+"""The engine (and the speech stage) in a thread of their own, fed by a thread-safe queue, read
+through asyncio queues.
 
-`Engine` is not thread-safe, so exactly one thread (started here) touches it: it takes adds,
-aborts and calls from `_inbox`, runs `engine.step()` while there is work, and hands each step's new
-tokens to the event loop with one `call_soon_threadsafe` per step. HTTP handlers never wait on the
-engine and the engine never waits on HTTP.
+`Engine` and `SpeechStage` are not thread-safe, so exactly one thread (started here) touches
+them: it takes adds, aborts and calls from `_inbox`, runs `engine.step()` and then `stage.step()`
+while either has work, and hands each step's new tokens and speech to the event loop with one
+`call_soon_threadsafe` per step. HTTP handlers never wait on the engine and the engine never waits
+on HTTP.
+
+A spoken request streams its PCM as the talker makes it, while the thinker is still writing:
+its `RequestStream` yields token events and audio events in the order they were made, and ends
+when both the text and the speech are finished.
 
 If the engine thread dies, every open stream gets the error, `error` is set and `on_fatal` is
 called (the server then reports broken and exits); nothing is left waiting forever.
@@ -19,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import InputError
 from ..request import Request
 
@@ -33,26 +41,37 @@ class EngineDead(RuntimeError):
 class EngineEvent:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # the text is finished
     error: BaseException | None = None
+    audio: np.ndarray | None = None  # new float32 24 kHz PCM of a spoken request
+    speech_finish_reason: str | None = None  # the speech is finished ("stop", "length", "empty", "abort")
+    frames: int = 0  # codec frames spoken so far
 
 
 class RequestStream:
     """The outputs of one engine request, consumed on the event loop with `async for`."""
 
-    def __init__(self, engine: "AsyncEngine", req: Request):
+    def __init__(self, engine: "AsyncEngine", req: Request, speak: bool = False, max_frames: int | None = None):
         self.engine = engine
         self.req = req
+        self.speak = speak
+        self.max_frames = max_frames
         self.queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self.finish_reason: str | None = None
+        self.speech_finish_reason: str | None = None if speak else "none"
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.first_audio_at: float | None = None
+        self.last_audio_at: float | None = None
         self.num_tokens = 0
+        self.audio_samples = 0
+        self.frames = 0
         self._abort_sent = False
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        """Nothing more will come: the text is finished, and the speech too if there is any."""
+        return self.finish_reason is not None and self.speech_finish_reason is not None
 
     def __aiter__(self):
         return self
@@ -62,22 +81,31 @@ class RequestStream:
             raise StopAsyncIteration
         ev = await self.queue.get()
         if ev.error is not None:
-            self.finish_reason = "error"
+            self.finish_reason = self.finish_reason or "error"
+            self.speech_finish_reason = self.speech_finish_reason or "error"
             raise ev.error
+        t = time.perf_counter()
         if ev.token_ids:
-            t = time.perf_counter()
             self.first_token_at = self.first_token_at or t
             self.last_token_at = t
             self.num_tokens += len(ev.token_ids)
+        if ev.audio is not None and len(ev.audio):
+            self.first_audio_at = self.first_audio_at or t
+            self.last_audio_at = t
+            self.audio_samples += len(ev.audio)
+        self.frames = max(self.frames, ev.frames)
         if ev.finish_reason is not None:
             self.finish_reason = ev.finish_reason
+        if ev.speech_finish_reason is not None:
+            self.speech_finish_reason = ev.speech_finish_reason
         return ev
 
     def abort(self) -> None:
-        """Stop generating (client gone, stop string seen); frees the request's KV in the engine.
+        """Stop generating and speaking (client gone, stop string seen); frees the request's KV in
+        the engine and the talker.
 
-        The stream ends when the engine confirms (an "abort" finish event, or the request's own
-        finish if it came first); iterate on to wait for that, or just drop the stream.
+        The stream ends when the engine confirms (finish events with reason "abort", or the
+        request's own finish if it came first); iterate on to wait for that, or just drop the stream.
         """
         if not self.done and not self._abort_sent:
             self._abort_sent = True
@@ -85,15 +113,19 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine, *, on_stats: Callable[[dict], None] | None = None,
+    """engine: `Engine`; speech: the `SpeechStage` that speaks requests added with speak=True (or None)."""
+
+    def __init__(self, engine, *, speech=None, on_stats: Callable[[dict], None] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None):
         self.engine = engine
+        self.speech = speech
         self.on_stats = on_stats
         self.on_fatal = on_fatal
         self.error: BaseException | None = None
         self.stats: dict[str, int] = {"running": 0, "waiting": 0, "kv_used_tokens": 0}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._streams: dict[str, RequestStream] = {}  # engine thread only: text still coming
+        self._speaking: dict[str, RequestStream] = {}  # engine thread only: speech still coming
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -108,10 +140,28 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    def add(self, req: Request) -> RequestStream:
+    @property
+    def can_stream_speech(self) -> bool:
+        return self.speech is not None
+
+    def add(self, req: Request, *, speak: bool = False, max_frames: int | None = None) -> RequestStream:
+        """Generate `req`; with speak=True the speech stage speaks it (req.speaker) as it is written."""
         self._check_alive()
-        stream = RequestStream(self, req)
+        if speak and self.speech is None:
+            raise InputError("this server has no streaming speech stage", param="speaker")
+        stream = RequestStream(self, req, speak, max_frames)
         self._inbox.put(("add", stream))
+        return stream
+
+    def speak(self, req: Request, *, max_frames: int | None = None) -> RequestStream:
+        """Speak a request whose answer is already complete (req.capture filled, finish_reason set),
+        e.g. a forced answer (tts.py); the stream yields its audio."""
+        self._check_alive()
+        if self.speech is None:
+            raise InputError("this server has no streaming speech stage", param="speaker")
+        stream = RequestStream(self, req, True, max_frames)
+        stream.finish_reason = req.finish_reason or "stop"
+        self._inbox.put(("speak", stream))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -134,11 +184,16 @@ class AsyncEngine:
             raise EngineDead("the engine has stopped")
 
     # -- engine thread ---------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return self.engine.has_work() or (self.speech is not None and self.speech.has_work())
+
     def _run(self) -> None:
         try:
-            while self._drain(block=not self.engine.has_work()):
+            while self._drain(block=not self._has_work()):
                 if self.engine.has_work():
                     self._deliver(self.engine.step())
+                if self.speech is not None and self.speech.has_work():
+                    self._deliver_speech(self.speech.step())
                 self._publish_stats()
         except BaseException as exc:  # noqa: BLE001 - the thread must report any death
             self.error = exc
@@ -159,20 +214,11 @@ class AsyncEngine:
             if kind == "stop":
                 return False
             if kind == "add":
-                stream = item[1]
-                try:
-                    self.engine.add_request(stream.req)
-                except Exception as exc:  # noqa: BLE001 - refused before it joined: the engine is intact
-                    if not isinstance(exc, InputError):
-                        log.exception("engine refused request %s", stream.req.request_id)
-                    self._post([(stream, EngineEvent(error=exc))])
-                    continue
-                self._streams[stream.req.request_id] = stream
+                self._add(item[1])
+            elif kind == "speak":
+                self._start_speech(item[1])
             elif kind == "abort":
-                self.engine.abort(item[1])
-                stream = self._streams.pop(item[1], None)
-                if stream is not None:
-                    self._post([(stream, EngineEvent(finish_reason="abort"))])
+                self._abort(item[1])
             elif kind == "call":
                 fn, fut = item[1], item[2]
                 try:
@@ -181,6 +227,39 @@ class AsyncEngine:
                     self._resolve(fut, None, exc)
                 else:
                     self._resolve(fut, result, None)
+
+    def _add(self, stream: RequestStream) -> None:
+        req = stream.req
+        try:
+            self.engine.add_request(req)
+        except Exception as exc:  # noqa: BLE001 - refused before it joined: the engine is intact
+            if not isinstance(exc, InputError):
+                log.exception("engine refused request %s", req.request_id)
+            self._post([(stream, EngineEvent(error=exc))])
+            return
+        self._streams[req.request_id] = stream
+        if stream.speak and not self._start_speech(stream):
+            self._streams.pop(req.request_id, None)
+            self.engine.abort(req.request_id)
+
+    def _start_speech(self, stream: RequestStream) -> bool:
+        try:
+            self.speech.add(stream.req, max_frames=stream.max_frames)
+        except Exception as exc:  # noqa: BLE001 - e.g. no assistant turn to speak: that request only
+            if not isinstance(exc, InputError):
+                log.exception("speech stage refused request %s", stream.req.request_id)
+            self._post([(stream, EngineEvent(error=exc))])
+            return False
+        self._speaking[stream.req.request_id] = stream
+        return True
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._post([(stream, EngineEvent(finish_reason="abort"))])
+        if self.speech is not None and request_id in self._speaking:
+            self.speech.cancel(request_id)  # its final chunk (reason "abort") comes from the next step
 
     def _deliver(self, outputs) -> None:
         items = []
@@ -199,6 +278,21 @@ class AsyncEngine:
         if items:
             self._post(items)
 
+    def _deliver_speech(self, chunks) -> None:
+        items = []
+        for chunk in chunks:
+            stream = self._speaking.get(chunk.request_id)
+            if stream is None:
+                continue
+            ev = EngineEvent(audio=chunk.pcm, frames=chunk.frames)
+            if chunk.finished:
+                ev.speech_finish_reason = chunk.finish_reason or "stop"
+                del self._speaking[chunk.request_id]
+                self.speech.pop(chunk.request_id)
+            items.append((stream, ev))
+        if items:
+            self._post(items)
+
     def _publish_stats(self) -> None:
         eng = self.engine
         stats = {
@@ -207,6 +301,9 @@ class AsyncEngine:
             "kv_used_tokens": sum(_kv_len(r) for r in eng.running),
         }
         stats.update(_kv_blocks(eng))
+        if self.speech is not None:
+            stats["speaking"] = len(self.speech.jobs)
+            stats["talker_kv_tokens"] = self.speech.kv_tokens()
         self.stats = stats
         if self.on_stats is not None:
             self.on_stats(stats)
@@ -231,14 +328,16 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         dead = EngineDead(f"the engine stopped: {exc!r}")
-        self._post([(s, EngineEvent(error=dead)) for s in self._streams.values()])
+        streams = {id(s): s for s in [*self._streams.values(), *self._speaking.values()]}
+        self._post([(s, EngineEvent(error=dead)) for s in streams.values()])
         self._streams.clear()
+        self._speaking.clear()
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item[0] == "add":
+            if item[0] in ("add", "speak"):
                 self._post([(item[1], EngineEvent(error=dead))])
             elif item[0] == "call":
                 self._resolve(item[2], None, dead)

@@ -40,6 +40,9 @@ class Metrics:
         self.inflight = Gauge("thinktalk_num_requests_in_flight", "Admitted API requests not yet answered",
                               labels, registry=r)
         self.kv_tokens = Gauge("thinktalk_kv_cache_used_tokens", "Tokens held in the KV cache", labels, registry=r)
+        self.speaking = Gauge("thinktalk_num_requests_speaking", "Requests the talker is speaking", labels, registry=r)
+        self.talker_kv = Gauge("thinktalk_talker_kv_cache_used_tokens", "Tokens held in the talker's KV cache",
+                               labels, registry=r)
         self._kv_blocks: tuple[Gauge, Gauge] | None = None
 
     def kv_blocks(self) -> tuple[Gauge, Gauge]:
@@ -56,6 +59,8 @@ class Metrics:
         self.running.labels(m).set(stats["running"])
         self.waiting.labels(m).set(stats["waiting"])
         self.kv_tokens.labels(m).set(stats["kv_used_tokens"])
+        self.speaking.labels(m).set(stats.get("speaking", 0))
+        self.talker_kv.labels(m).set(stats.get("talker_kv_tokens", 0))
         if "kv_free_blocks" in stats:
             free, total = self.kv_blocks()
             free.labels(m).set(stats["kv_free_blocks"])

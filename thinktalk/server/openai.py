@@ -196,30 +196,26 @@ async def _until_disconnect(request: Request, work):
             task.cancel()
 
 
-async def _synthesize(st: ServerState, req: EngineRequest) -> tuple[np.ndarray, int]:
-    """Talker + code2wav for a finished request (speech pool) -> (waveform, codec frames).
-    An empty answer speaks nothing."""
-    t0 = time.perf_counter()
-    try:
-        codes, wav = await st.run_speech(lambda: st.omni.speak(req, max_frames=st.max_speech_frames))
-    except InputError as exc:
-        log.info("no speech for %s: %s", req.request_id, exc)
-        return np.zeros(0, dtype=np.float32), 0
-    seconds = len(wav) / SAMPLE_RATE
+def _observe_speech(st: ServerState, stream: RequestStream, arrival: float) -> None:
+    """First-audio latency, real-time factor and seconds spoken of a finished spoken request."""
+    m = st.metrics
+    seconds = stream.audio_samples / SAMPLE_RATE
+    if stream.first_audio_at is not None:
+        m.first_audio.labels(m.model).observe(stream.first_audio_at - arrival)
     if seconds > 0:
-        m = st.metrics
-        m.rtf.labels(m.model).observe((time.perf_counter() - t0) / seconds)
+        # the talker starts with the answer's first tokens: its time runs from the first token
+        start = stream.first_token_at or arrival
+        m.rtf.labels(m.model).observe(max(stream.last_audio_at - start, 0.0) / seconds)
         m.audio_seconds.labels(m.model).inc(seconds)
-    return np.asarray(wav, dtype=np.float32), int(codes.shape[-1])
 
 
-class _SSE(StreamingResponse):
-    """An event stream whose cleanup (abort, release) runs however it ends: finished, client gone
+class _Stream(StreamingResponse):
+    """A streamed body whose cleanup (abort, release) runs however it ends: finished, client gone
     (starlette cancels the sender), or never started."""
 
-    def __init__(self, gen, cleanup):
-        super().__init__(gen, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, gen, cleanup, media_type: str = "text/event-stream", headers: dict | None = None):
+        extra = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if media_type == "text/event-stream" else {}
+        super().__init__(gen, media_type=media_type, headers={**extra, **(headers or {})})
         self._gen, self._cleanup = gen, cleanup
 
     async def __call__(self, scope, receive, send):
@@ -262,8 +258,8 @@ class _Choice:
     pipe: TextPipeline
     finish_reason: str | None = None
     audio_id: str = field(default_factory=lambda: new_id("audio"))
-    wav: np.ndarray | None = None
-    frames: int = 0  # codec frames of the spoken answer
+    pcm: list[np.ndarray] = field(default_factory=list)  # the spoken answer (non-streaming)
+    transcript_sent: int = 0  # characters of the answer sent as audio transcript (streaming)
 
 
 @dataclass
@@ -277,35 +273,38 @@ class _Chat:
     choices: list[_Choice]
     prompt_tokens: int
     by_modality: dict[str, int]
-    first_audio_at: float | None = None
     closed: bool = False
 
     async def run_choice(self, ch: _Choice) -> AsyncIterator[_Update]:
-        """Text updates as tokens arrive, then (with speech) pcm16 chunks, then the finish reason."""
+        """Text updates as tokens arrive and (with speech) pcm16 chunks as the talker makes them,
+        interleaved, then the finish reason once both are done."""
         try:
             async for ev in ch.stream:
-                pieces = ch.pipe.feed(ev.token_ids)
-                if pieces or ev.logprobs:
-                    yield _Update(pieces=pieces, logprobs=ev.logprobs)
-                if ch.pipe.stopped:
-                    ch.stream.abort()
-                    async for _ in ch.stream:  # until the engine has let go of the request
-                        pass
-                    break
-            tail = ch.pipe.finish()
-            if tail:
-                yield _Update(pieces=tail)
+                if ev.token_ids or ev.logprobs:
+                    pieces = ch.pipe.feed(ev.token_ids)
+                    if pieces or ev.logprobs:
+                        yield _Update(pieces=pieces, logprobs=ev.logprobs)
+                    if ch.pipe.stopped:
+                        ch.stream.abort()  # the rest (text and speech) is dropped
+                if ev.finish_reason is not None and not ch.pipe.stopped:
+                    tail = ch.pipe.finish()
+                    if tail:
+                        yield _Update(pieces=tail)
+                if ev.audio is not None and len(ev.audio) and not ch.pipe.stopped:
+                    if self.body.stream:
+                        yield _Update(audio=await self.st.run_cpu(to_pcm16, ev.audio))
+                    else:
+                        ch.pcm.append(ev.audio)
+            if ch.pipe.stopped:
+                tail = ch.pipe.finish()
+                if tail:
+                    yield _Update(pieces=tail)
             reason = "stop" if ch.pipe.stopped else ch.stream.finish_reason
             if ch.pipe.tool_calls:
                 reason = "tool_calls"
             self._observe(ch.stream)
             if self.voice is not None:
-                ch.wav, ch.frames = await _synthesize(self.st, ch.stream.req)
-                if self.body.stream:
-                    pcm = await self.st.run_cpu(to_pcm16, ch.wav)
-                    step = int(AUDIO_CHUNK_S * SAMPLE_RATE) * 2
-                    for start in range(0, max(len(pcm), 1), step):
-                        yield _Update(audio=pcm[start : start + step])
+                _observe_speech(self.st, ch.stream, self.arrival)
             ch.finish_reason = reason
             yield _Update(finish_reason=reason)
         finally:
@@ -375,7 +374,7 @@ class _Chat:
     def usage(self) -> Usage:
         completion = sum(ch.stream.num_tokens for ch in self.choices)
         reasoning = sum(ch.pipe.reasoning_tokens for ch in self.choices)
-        audio_frames = sum(ch.frames for ch in self.choices)
+        audio_frames = sum(ch.stream.frames for ch in self.choices if self.voice is not None)
         m = self.by_modality
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion,
@@ -457,14 +456,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: Se
         decode = _decoder(omni)
         choices = []
         for i, r in enumerate(reqs):
-            choices.append(_Choice(i, st.engine.add(r), TextPipeline(decode, body.stop or [], parse_tools)))
+            stream = st.engine.add(r, speak=voice is not None, max_frames=st.max_speech_frames)
+            choices.append(_Choice(i, stream, TextPipeline(decode, body.stop or [], parse_tools)))
         st.metrics.prompt_tokens.labels(st.model_name).inc(len(req.prompt_ids))
         chat = _Chat(st, body, chat_id, now(), arrival, voice, choices, len(req.prompt_ids), by_modality)
     except BaseException:
         release()
         raise
     if body.stream:
-        return _SSE(_stream_chat(chat), chat.close(release))
+        return _Stream(_stream_chat(chat), chat.close(release))
     try:
         return await _until_disconnect(request, _complete_chat(chat))
     finally:
@@ -497,13 +497,10 @@ async def _complete_chat(chat: _Chat) -> JSONResponse:
                               tool_calls=_tool_call_deltas(calls, 0) or None)
         for tc in msg.tool_calls or []:
             tc.index = None
-        if ch.wav is not None:
-            data = await st.run_cpu(_encode_b64, ch.wav, body.audio.format)
+        if chat.voice is not None:
+            data = await st.run_cpu(_encode_b64, ch.pcm, body.audio.format)
             msg.audio = MessageAudio(id=ch.audio_id, data=data, transcript=pipe.all_content,
                                      expires_at=now() + AUDIO_EXPIRES_S)
-            if chat.first_audio_at is None:
-                chat.first_audio_at = time.perf_counter()
-                st.metrics.first_audio.labels(st.model_name).observe(chat.first_audio_at - chat.arrival)
         lp = ChoiceLogprobs(content=_logprobs(st, logprobs[ch.index], eos)) if body.logprobs else None
         out.append(Choice(index=ch.index, message=msg, finish_reason=ch.finish_reason, logprobs=lp))
     resp = ChatCompletion(id=chat.id, created=chat.created, model=st.model_name, choices=out, usage=chat.usage())
@@ -514,15 +511,26 @@ async def _complete_chat(chat: _Chat) -> JSONResponse:
     return JSONResponse(data)
 
 
-def _encode_b64(wav: np.ndarray, fmt: str) -> str:
-    return base64.b64encode(encode(wav, SAMPLE_RATE, fmt)).decode("ascii")
+def _pcm(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+def _encode_b64(chunks: list[np.ndarray], fmt: str) -> str:
+    return base64.b64encode(encode(_pcm(chunks), SAMPLE_RATE, fmt)).decode("ascii")
 
 
 async def _stream_chat(chat: _Chat) -> AsyncIterator[str]:
     st, body = chat.st, chat.body
     eos = set(st.omni.engine.eos_token_ids)
     n_calls = {ch.index: 0 for ch in chat.choices}
-    sent_transcript: set[int] = set()
+    expires = now() + AUDIO_EXPIRES_S
+
+    def audio_delta(ch: _Choice, data: bytes | None) -> Delta:
+        """An audio delta with the answer text written since the last one as its transcript."""
+        text = ch.pipe.all_content[ch.transcript_sent :]
+        ch.transcript_sent += len(text)
+        return Delta(audio=DeltaAudio(id=ch.audio_id, data=None if data is None else base64.b64encode(data).decode(),
+                                      transcript=text or None, expires_at=expires))
 
     def chunk(index: int, delta: Delta, finish: str | None = None, logprobs=None) -> str:
         c = ChatCompletionChunk(id=chat.id, created=chat.created, model=st.model_name,
@@ -547,16 +555,10 @@ async def _stream_chat(chat: _Chat) -> AsyncIterator[str]:
                     continue
                 yield chunk(i, delta, logprobs=lp)
             elif upd.audio is not None:
-                audio = DeltaAudio(id=ch.audio_id, data=base64.b64encode(upd.audio).decode("ascii"))
-                if i not in sent_transcript:
-                    sent_transcript.add(i)
-                    audio.transcript = ch.pipe.all_content
-                    audio.expires_at = now() + AUDIO_EXPIRES_S
-                    if chat.first_audio_at is None:
-                        chat.first_audio_at = time.perf_counter()
-                        st.metrics.first_audio.labels(st.model_name).observe(chat.first_audio_at - chat.arrival)
-                yield chunk(i, Delta(audio=audio))
+                yield chunk(i, audio_delta(ch, upd.audio))
             elif upd.finish_reason is not None:
+                if chat.voice is not None and ch.transcript_sent < len(ch.pipe.all_content):
+                    yield chunk(i, audio_delta(ch, None))  # the transcript's last words
                 yield chunk(i, Delta(), finish=upd.finish_reason)
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = ChatCompletionChunk(id=chat.id, created=chat.created, model=st.model_name, choices=[],
@@ -586,36 +588,49 @@ async def speech(body: SpeechRequest, request: Request, st: ServerState = Depend
         raise bad_request("only speed=1.0 is supported", param="speed")
     fmt = body.response_format
     release = st.admit(1)
-
-    async def work():
+    try:
         from .. import tts
 
         req = await st.run_cpu(tts.speech_request, omni, body.input, voice, instructions=body.instructions)
         if len(req.prompt_ids) + 1 > omni.engine.max_model_len:
             raise ContextLengthError(f"the text is too long ({len(req.prompt_ids)} tokens with its prompt)",
                                      param="input")
-        await st.engine.call(lambda: tts.forced_prefill(omni, req))
-        wav, _ = await _synthesize(st, req)
-        data = await st.run_cpu(encode, wav, SAMPLE_RATE, fmt)
-        st.metrics.first_audio.labels(st.model_name).observe(time.perf_counter() - arrival)
-        return data
-
-    try:
-        data = await _until_disconnect(request, work())
-    finally:
+        req.request_id = new_id("speech")
+        gone = await _until_disconnect(request, st.engine.call(lambda: tts.forced_prefill(omni, req)))
+        if isinstance(gone, Response):
+            release()
+            return gone
+        stream = st.engine.speak(req, max_frames=st.max_speech_frames)
+    except BaseException:
         release()
-    if isinstance(data, Response):
-        return data
-    step = 64 * 1024
+        raise
 
-    async def body_chunks():
-        for start in range(0, len(data), step):
-            yield data[start : start + step]
+    def cleanup():
+        stream.abort()
+        release()
+        st.metrics.e2e.labels(st.model_name).observe(time.perf_counter() - arrival)
+        _observe_speech(st, stream, arrival)
 
-    st.metrics.e2e.labels(st.model_name).observe(time.perf_counter() - arrival)
-    return StreamingResponse(body_chunks(), media_type=MEDIA_TYPES[fmt],
-                             headers={"Content-Length": str(len(data)),
-                                      "Content-Disposition": f'inline; filename="speech.{_ext(fmt)}"'})
+    headers = {"Content-Disposition": f'inline; filename="speech.{_ext(fmt)}"'}
+    if fmt == "pcm":  # raw samples go out as the talker makes them
+        async def pcm_chunks():
+            async for ev in stream:
+                if ev.audio is not None and len(ev.audio):
+                    yield await st.run_cpu(to_pcm16, ev.audio)
+
+        return _Stream(pcm_chunks(), cleanup, media_type=MEDIA_TYPES[fmt], headers=headers)
+    try:
+        chunks = await _until_disconnect(request, _collect_audio(stream))
+        if isinstance(chunks, Response):
+            return chunks
+        data = await st.run_cpu(encode, _pcm(chunks), SAMPLE_RATE, fmt)
+    finally:
+        cleanup()
+    return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+
+async def _collect_audio(stream: RequestStream) -> list[np.ndarray]:
+    return [ev.audio async for ev in stream if ev.audio is not None and len(ev.audio)]
 
 
 def _ext(fmt: str) -> str:
