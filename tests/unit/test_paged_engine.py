@@ -237,3 +237,36 @@ def test_triton_kernels_in_the_engine(model):
         for m in model.modules():  # the engine swapped the experts function on these instances
             if isinstance(m, SparseMoE):
                 m.__dict__.pop("experts_fn", None)
+
+
+def test_hidden_states_for_the_talker_survive_preemption_and_prefix_reuse(model):
+    """Requests that speak keep one hidden-state row per token: none lost to the prefix cache
+    (a speaking request reuses at most the rows it already kept), none repeated by a recompute."""
+
+    def make():
+        shared = _prompt(24, 20)
+        reqs = [_request(_prompt(n, s), n_new=8) for n, s in PROMPTS]
+        reqs += [_request(shared + [5, 6], n_new=8), _request(shared + [7], n_new=8)]
+        for r in reqs:
+            r.speaker = "someone"  # the engine keeps hidden states of requests that speak
+        return reqs
+
+    def run(config, reqs):
+        engine = Engine(model, EOS, config, capture_layer=2)
+        for r in reqs:
+            engine.add_request(r)
+        while engine.has_work():
+            engine.step()
+        return engine
+
+    ref, got = make(), make()
+    run(EngineConfig(), ref)
+    engine = run(_paged(num_kv_blocks=24, kv_watermark=0.0, max_prefill_tokens=16), got)
+    assert engine.stats["preemptions"] > 0
+    assert engine.stats["cached_tokens"] > 0  # recomputes found their own kept blocks
+    for a, b in zip(ref, got):
+        assert a.output_ids == b.output_ids
+        for layer in (0, 2):
+            x, y = torch.cat(a.capture[layer]), torch.cat(b.capture[layer])
+            assert x.shape[0] == y.shape[0] == a.num_tokens - 1
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,9 @@
 
 Prints the max abs error of each kernel (vs the reference in float64) and, on CUDA, the time of
 the kernel and of the reference at Qwen3-Omni-30B-A3B's shapes (hidden 2048, 128 experts top-8,
-moe_intermediate 768; 32 q / 4 kv heads of 128).
+moe_intermediate 768; 32 q / 4 kv heads of 128). Times are of eager calls, host launch overhead
+included (it dominates at one token: 0.25 ms eager vs 0.05 ms for the fused MoE in a CUDA graph on
+an H200); benchmarks/ measures the engine.
 """
 
 from __future__ import annotations
