@@ -303,6 +303,11 @@ def test_barge_in(server, speech):
             later = await events_until(conn, "input_audio_buffer.committed")
             assert "response.output_audio.delta" not in types(later)
             await talker
+            # the client heard even less than was sent (its playback was behind): it says so
+            item_id = done.output[0].id
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=sent_ms // 2)
+            ev = (await events_until(conn, "conversation.item.truncated"))[-1][1]
+            assert (ev.item_id, ev.audio_end_ms) == (item_id, sent_ms // 2)
 
     run(go())
     wait_idle(server)
