@@ -217,6 +217,10 @@ def serve(
         None, help="serve file:// and path media only from under this folder"),
     max_speech_seconds: Optional[float] = typer.Option(
         None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),
+    dtype: Optional[str] = DTypeOpt,
+    quantization: Optional[str] = QuantOpt,
+    kv_backend: Optional[str] = typer.Option(None, help="contiguous | paged (default: the engine's)"),
+    max_model_len: Optional[int] = typer.Option(None, min=16, help="context length (default: the model's)"),
     random_weights: bool = typer.Option(False, "--random-weights", hidden=True,
                                         help="full-size model with random weights (benchmarks; no checkpoint)"),
 ):
@@ -237,13 +241,20 @@ def serve(
     if model is not None and not model.is_dir():
         console.print(f"[red]error:[/red] --model {model}: not a folder")
         raise typer.Exit(2)
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        console.print(f"[red]error:[/red] --dtype {dtype}: expected bfloat16, float16 or float32")
+        raise typer.Exit(2)
+    if kv_backend is not None and kv_backend not in ("contiguous", "paged"):
+        console.print(f"[red]error:[/red] --kv-backend {kv_backend}: expected contiguous or paged")
+        raise typer.Exit(2)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     opts = ServeOptions(
         model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
         device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
-        max_speech_s=max_speech_seconds, random_weights=random_weights,
+        max_speech_s=max_speech_seconds, random_weights=random_weights, dtype=dtype, quantization=quantization,
+        kv_backend=kv_backend, max_model_len=max_model_len,
     )
     raise typer.Exit(run_server(opts))
 

@@ -26,7 +26,7 @@ def server(serve_factory, tiny_instruct, media):
     root = media["image"].parent
     return serve_factory("--model", str(tiny_instruct), "--served-model-name", "tiny", "--max-num-seqs", "4",
                          "--max-queue", "32", "--allowed-local-media-path", str(root),
-                         "--max-speech-seconds", MAX_SPEECH_S)
+                         "--max-speech-seconds", MAX_SPEECH_S, "--kv-backend", "paged")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def wait_idle(server, timeout=60):
     while True:
         h = server.health().json()
         if (h["running"], h["waiting"], h["kv_used_tokens"], h["in_flight"], h["speaking"], h["talker_kv_tokens"]) == (
-                0, 0, 0, 0, 0, 0):
+                0, 0, 0, 0, 0, 0) and h["kv_free_blocks"] == h["kv_total_blocks"]:
             return h
         if time.monotonic() > deadline:
             raise AssertionError(f"server not idle: {h}")
@@ -352,9 +352,11 @@ def test_disconnect_mid_stream_aborts(server):
                 if seen >= 5:
                     busy = server.health().json()
                     assert busy["running"] == 1 and busy["kv_used_tokens"] > 0 and busy["in_flight"] == 1
+                    assert busy["kv_free_blocks"] < busy["kv_total_blocks"]
                     break  # leaving iter_lines early closes the connection: the client is gone
     after = wait_idle(server, timeout=30)  # running, waiting, KV and in-flight back to zero
     assert after["kv_used_tokens"] == base["kv_used_tokens"] == 0
+    assert after["kv_free_blocks"] == base["kv_free_blocks"]
     # a non-streaming request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", timeout=1.5,
@@ -369,7 +371,8 @@ def test_metrics(server, client):
                  "thinktalk_time_per_output_token_seconds_bucket", "thinktalk_time_to_first_audio_seconds_bucket",
                  "thinktalk_speech_real_time_factor_bucket", "thinktalk_num_requests_running",
                  "thinktalk_num_requests_waiting", "thinktalk_kv_cache_used_tokens", "thinktalk_gpu_count",
-                 "thinktalk_num_requests_speaking", "thinktalk_talker_kv_cache_used_tokens"):
+                 "thinktalk_num_requests_speaking", "thinktalk_talker_kv_cache_used_tokens",
+                 "thinktalk_kv_cache_free_blocks"):
         assert name in text, name
     assert 'endpoint="/v1/chat/completions",model_name="tiny",status="200"' in text
     assert 'status="400"' in text  # from the error tests

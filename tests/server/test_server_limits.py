@@ -44,7 +44,7 @@ def demo_server(serve_factory, tiny_instruct, faulty_server):
     demo = Path(os.environ["THINKTALK_CACHE"]) / "demo-instruct-tiny-random"
     if not demo.exists():
         demo.symlink_to(tiny_instruct, target_is_directory=True)
-    return serve_factory("--no-talker", "--max-num-seqs", "1", "--max-queue", "1",
+    return serve_factory("--no-talker", "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512",
                          env={"THINKTALK_API_KEY": " ".join(KEYS)})
 
 
@@ -70,6 +70,15 @@ def test_api_keys(demo_server):
         r = demo_server.client(key).chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                                             model="thinktalk-demo-tiny-random")
         assert r.choices[0].message.content is not None
+
+
+def test_max_model_len(demo_server):
+    client = demo_server.client(KEYS[0])
+    assert client.models.list().data[0].model_dump()["max_model_len"] == 512
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="thinktalk-demo-tiny-random", max_tokens=2,
+                                       messages=[{"role": "user", "content": "word " * 600}])
+    assert info.value.code == "context_length_exceeded"
 
 
 def test_no_talker_refuses_speech(demo_server):

@@ -60,6 +60,10 @@ class ServeOptions:
     allowed_local_media_path: Path | None = None
     drain_timeout_s: float = 30.0
     max_speech_s: float | None = None  # cap on one spoken answer (None: the talker's own limit)
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    quantization: str | None = None  # fp8 | int8 | int4 (see weights/quant.py)
+    kv_backend: str | None = None  # None: the engine's default
+    max_model_len: int | None = None  # None: the model's
     random_weights: bool = False  # full-size random weights, no checkpoint (benchmarks: --random-weights)
 
 
@@ -182,16 +186,19 @@ class ServerState:
         from ..api import RANDOM_WEIGHTS_NOTICE, Omni
         from ..engine import EngineConfig
 
+        opts = self.opts
+        engine_config = EngineConfig(max_num_seqs=opts.max_num_seqs, max_model_len=opts.max_model_len)
+        if opts.kv_backend is not None:
+            engine_config.kv_backend = opts.kv_backend
         try:
             t0 = time.perf_counter()
-            if self.opts.random_weights:
+            if opts.random_weights:
                 from .random_model import load_random_omni
 
-                omni = load_random_omni(device=self.opts.device, talker=self.opts.talker,
-                                        engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs))
+                omni = load_random_omni(device=opts.device, talker=opts.talker, engine_config=engine_config)
             else:
-                omni = Omni.load(self.opts.model, device=self.opts.device, talker=self.opts.talker,
-                                 engine_config=EngineConfig(max_num_seqs=self.opts.max_num_seqs), progress=False)
+                omni = Omni.load(opts.model, device=opts.device, talker=opts.talker, engine_config=engine_config,
+                                 dtype=opts.dtype, quantization=opts.quantization, progress=False)
         except BaseException as exc:  # noqa: BLE001 - any load failure ends the process, with its reason
             log.error("loading the model failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
             self.loop.call_soon_threadsafe(self.fail, f"loading the model failed: {exc}")
