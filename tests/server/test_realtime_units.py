@@ -14,7 +14,7 @@ import pytest
 
 from thinktalk.server.realtime import AudioBuffer, Pacer
 from thinktalk.server.realtime_protocol import (
-    BETA, GA, Item, ProtocolError, SessionConfig, TurnDetection, apply_session_update, dialect_of_session,
+    BETA, GA, Item, ProtocolError, SessionConfig, apply_session_update, dialect_of_session,
     event_name, truncate_text,
 )
 from thinktalk.server.vad import FRAME, TurnDetector

@@ -56,7 +56,6 @@ from .realtime_protocol import (
     BETA, CLIENT_EVENTS, GA, OUTPUT_RATE, Item, ProtocolError, SessionConfig, apply_session_update,
     dialect_of_session, error_event, event_name, new_id, truncate_text,
 )
-from .vad import RATE as VAD_RATE
 from .vad import SileroVAD, TurnDetector
 
 log = logging.getLogger("thinktalk.server.realtime")

@@ -94,7 +94,7 @@ class TurnDetector:
     def push(self, probs: np.ndarray) -> list[VADEvent]:
         events = []
         for p in probs:
-            start, end = self.frame * FRAME, (self.frame + 1) * FRAME
+            end = (self.frame + 1) * FRAME
             self.frame += 1
             if not self.speaking:
                 self._run = self._run + 1 if p >= self.threshold else 0
