@@ -208,7 +208,7 @@ def test_engine_death_reaches_every_stream_and_is_reported():
         return eng
 
     eng = run(main())
-    assert not eng.alive and isinstance(fatal[0], RuntimeError)
+    assert eng.error is not None and isinstance(fatal[0], RuntimeError)
 
 
 def test_calls_run_on_the_engine_thread():

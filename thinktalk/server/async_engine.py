@@ -136,14 +136,6 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="thinktalk-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
-
-    @property
-    def can_stream_speech(self) -> bool:
-        return self.speech is not None
-
     def add(self, req: Request, *, speak: bool = False, max_frames: int | None = None) -> RequestStream:
         """Generate `req`; with speak=True the speech stage speaks it (req.speaker) as it is written."""
         self._check_alive()
