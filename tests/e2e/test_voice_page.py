@@ -151,3 +151,45 @@ def test_voice_page_spoken_turn(voice_server, fake_mic_wav, tmp_path):
     assert voice == "Ethan"
     assert 0 < state["latencies"][0] < 120_000
     assert state["playedMs"] > 300  # the answer's audio went through the player
+
+
+def test_voice_page_push_to_talk(voice_server, fake_mic_wav, tmp_path):
+    """Push-to-talk: no server VAD; holding the button records, releasing commits and asks for the answer."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is missing (apt-get install -y chromium)")
+    args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={fake_mic_wav}", "--autoplay-policy=no-user-gesture-required",
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+            "--disable-extensions", "--no-first-run", "--mute-audio"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(f"{voice_server}/voice")
+            page.click("summary")
+            page.fill("#max-tokens", "6")
+            page.uncheck("#transcribe")
+            page.check('input[name="mode"][value="ptt"]')
+            page.click("#start")
+            page.wait_for_function("window.voiceState.connected && !document.querySelector('#talk').disabled",
+                                   timeout=30_000)
+            talk = page.locator("#talk").bounding_box()
+            page.mouse.move(talk["x"] + 5, talk["y"] + 5)
+            page.mouse.down()
+            page.wait_for_timeout(2500)
+            page.mouse.up()
+            page.wait_for_function(
+                """() => {
+                    const s = window.voiceState;
+                    return document.querySelector('#log .msg.user[data-spoken="1"]')
+                        && s.turns.some(t => t.role === 'assistant' && t.text.trim()) && s.playedMs > 300
+                        && s.latencies.length > 0;
+                }""", timeout=120_000)
+            user = page.locator("#log .msg.user").first.locator(".text").inner_text()
+            errors = page.evaluate("window.voiceState.errors")
+            page.screenshot(path=str(tmp_path / "voice-ptt.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors
+    assert user == "(spoken)"  # transcription off: the turn is shown as speech
