@@ -126,3 +126,21 @@ def test_float16_pipeline(tiny_instruct, quantization):
                             temperature=0.0, speech_max_frames=4)
     assert len(res.token_ids) > 0 and res.audio is not None
     assert torch.isfinite(torch.as_tensor(res.audio)).all()
+
+
+def test_quantized_encoders_with_media(tiny_instruct, media):
+    """int4 decoders + int8 audio/vision encoders (the tightest 24 GB setting): media prompts run."""
+    from thinktalk.api import Omni
+
+    with use_backend("reference"):
+        omni = Omni.load(tiny_instruct, device="cpu", quantization="int4-g32-encint8", progress=False)
+        t = omni.model.thinker
+        assert t.audio_tower.layers[0].fc1.weight.fmt.method == "int8"
+        assert t.visual.blocks[0].mlp.linear_fc1.weight.fmt.method == "int8"
+        assert t.model.layers[0].self_attn.q_proj.weight.fmt.method == "int4"
+        msg = [{"role": "user", "content": [{"type": "image", "image": str(media["image"])},
+                                            {"type": "audio", "audio": str(media["audio"])},
+                                            {"type": "text", "text": "what is this?"}]}]
+        res = omni.generate(msg, max_new_tokens=4, temperature=0.0)
+    assert len(res.token_ids) == 4 and res.prompt_tokens_by_modality["audio"] > 0
+    print(f"\nencoders int8: {describe(omni.model)}")

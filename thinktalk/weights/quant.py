@@ -13,7 +13,8 @@ alone are 29 of 35 B). Kept in the compute dtype: embeddings, lm_head / codec_he
 predictor's heads, MoE routers and the shared-expert gate, norms, the talker's text/hidden
 projections, the audio and vision encoders and code2wav (1.1 B + 0.5 B + 0.2 B: cheap to keep,
 and their errors would reach every token). `include=("encoders",)` also quantizes the encoders'
-linear layers (int8 is the sensible choice there) when memory is that tight.
+linear layers with the same method, `encoder_method="int8"` with another one (spec "int4-encint8":
+int4 decoders, int8 encoders, 1.1 GiB less than int4 alone) when memory is that tight.
 
 Loading quantized (bf16 checkpoint + quantization, or a pre-quantized checkpoint): the model is
 built with its parameters on the meta device (buffers such as RoPE tables are real), the modules
@@ -75,6 +76,7 @@ class QuantConfig:
     fp8_block: int | None = None  # fp8: None per output channel, 128 for 128x128 blocks
     act_quant: bool = True  # fp8: dynamic per-token activation quantization (W8A8) where supported
     include: tuple[str, ...] = ()  # extra module groups: "encoders"
+    encoder_method: str | None = None  # quantize the encoders too, with this method (default: method)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,6 +86,8 @@ class QuantConfig:
         bad = set(self.include) - {"encoders"}
         if bad:
             raise ValueError(f"unknown module group(s) {sorted(bad)}; known: encoders")
+        if self.encoder_method is not None and self.encoder_method not in METHODS:
+            raise ValueError(f"unknown encoder quantization {self.encoder_method!r}")
 
     @classmethod
     def parse(cls, spec: "str | QuantConfig | None") -> "QuantConfig | None":
@@ -101,19 +105,31 @@ class QuantConfig:
                 kw["group_size"] = None
             elif p.startswith("block"):
                 kw["fp8_block"] = int(p[5:] or 128)
+            elif p.startswith("enc"):  # enc (same method) or encint8 / encfp8 / encint4
+                kw["include"] = ("encoders",)
+                if p[3:]:
+                    kw["encoder_method"] = p[3:]
             else:
                 raise ValueError(f"unknown quantization option {p!r} in {spec!r}")
         return cls(parts[0], **kw)
 
-    def fmt(self, k: int) -> QFormat:
-        return resolve_format(self.method, k, self.group_size, self.sym, self.fp8_block)
+    def method_for(self, name: str = "") -> str:
+        if self.encoder_method and ENCODERS_RE.match(name):
+            return self.encoder_method
+        return self.method
 
-    def scheme(self) -> Scheme:
-        block = (self.fp8_block, self.fp8_block) if self.method == "fp8" and self.fp8_block else None
-        return Scheme(self.method, self.group_size, self.sym, block, False, self.act_quant)
+    def fmt(self, k: int, name: str = "") -> QFormat:
+        method = self.method_for(name)
+        return resolve_format(method, k, self.group_size, self.sym or method == "fp8", self.fp8_block)
+
+    def scheme(self, name: str = "") -> Scheme:
+        method = self.method_for(name)
+        block = (self.fp8_block, self.fp8_block) if method == "fp8" and self.fp8_block else None
+        return Scheme(method, self.group_size, self.sym or method == "fp8", block, False, self.act_quant)
 
     def covers_linear(self, name: str) -> bool:
-        return bool(LINEAR_RE.match(name)) or ("encoders" in self.include and bool(ENCODERS_RE.match(name)))
+        encoders = "encoders" in self.include or self.encoder_method is not None
+        return bool(LINEAR_RE.match(name)) or (encoders and bool(ENCODERS_RE.match(name)))
 
     def covers_experts(self, name: str) -> bool:
         return bool(EXPERTS_RE.match(name))
@@ -169,7 +185,7 @@ def quantize_model_(
     for name in tqdm(linears + moes, desc=f"quantizing ({qcfg.method})", disable=not progress):
         mod = model.get_submodule(name) if name else model
         if isinstance(mod, nn.Linear):
-            q = QuantLinear.from_linear(mod, qcfg.fmt(mod.in_features), act_quant=qcfg.act_quant)
+            q = QuantLinear.from_linear(mod, qcfg.fmt(mod.in_features, prefix + name), act_quant=qcfg.act_quant)
             _set_module(model, name, q)
         else:
             ex = mod.experts
@@ -294,7 +310,7 @@ class QuantLoadHook:
             return self.ckpt.scheme, self.ckpt
         q = self.qcfg
         if q is not None and (q.covers_linear(name) if linear else q.covers_experts(name)):
-            return q.scheme(), None
+            return q.scheme(name), None
         return None, None
 
     # -- loading ----------------------------------------------------------------------------------
@@ -478,6 +494,8 @@ def quantize_checkpoint(
     qcfg = method if isinstance(method, QuantConfig) else QuantConfig(method, group_size, sym, fp8_block, True, tuple(include))
     src, dst = Path(src), Path(dst)
     cfg = load_config(src)
+    if qcfg.encoder_method and qcfg.encoder_method != qcfg.method:
+        raise ValueError("a pre-quantized checkpoint has one method; quantize the encoders on load instead")
     if "quantization_config" in cfg:
         raise QuantFormatError(f"{src} is already quantized ({cfg.quantization_config.get('quant_method')}); start from bf16")
     if dst.exists() and any(dst.iterdir()):
@@ -506,7 +524,7 @@ def quantize_checkpoint(
                 t = h.get_tensor(key)
                 if t.dim() == 2 and t.is_floating_point() and _covered(key, qcfg):
                     module = key[: -len(".weight")]
-                    fmt = qcfg.fmt(t.shape[1])
+                    fmt = qcfg.fmt(t.shape[1], module)
                     q, s, z = quantize(t.to(device), fmt, scale_dtype=t.dtype)
                     out = write_tensors(module, q.cpu(), s.cpu(), None if z is None else z.cpu(), fmt, t.shape[1], qcfg.fp8_block, t.dtype)
                 else:
@@ -552,7 +570,8 @@ def describe(model: nn.Module) -> str:
         bits.append(f"checkpoint: {c}")
     if q:
         bits.append(f"on load: {q.method}" + (f" g{q.group_size}" if q.method != "fp8" and q.group_size else "")
-                    + ("" if q.sym else " asym"))
+                    + ("" if q.sym else " asym")
+                    + (f", encoders {q.encoder_method or q.method}" if q.covers_linear("thinker.visual.") else ""))
     return ", ".join(bits)
 
 
