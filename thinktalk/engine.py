@@ -15,7 +15,7 @@ prefill, preemption) is decided by scheduler.py, the same for both.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +45,7 @@ class EngineConfig:
     max_prefill_tokens: int = 16384  # prompt tokens computed per step
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     chunked_prefill: bool = True  # cut long prompts to the budget so decodes keep running
-    kv_backend: str = "contiguous"  # "contiguous" (reference) | "paged"
+    kv_backend: str = "auto"  # "contiguous" (reference) | "paged" | "auto": paged on CUDA
     # paged KV cache
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from the memory budget below
@@ -54,7 +54,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_watermark: float = 0.01  # share of blocks kept free when admitting (fewer preemptions)
     decode_attention: str = "auto"  # "auto" (Triton on CUDA) | "triton" | "torch"
-    moe_kernel: str = "torch"  # "torch" (reference) | "triton" (fused MoE kernel)
+    moe_kernel: str = "auto"  # "torch" (reference) | "triton" (fused MoE kernel) | "auto": triton on CUDA
 
 
 class Engine:
@@ -68,6 +68,14 @@ class Engine:
         # hidden-state index the talker reads (transformers' numbering; 0 = embeddings)
         self.capture_layer = capture_layer
         self.device = next(model.parameters()).device
+        # "auto": the fast path (paged KV, fused MoE) on CUDA, the pure-torch reference on CPU;
+        # resolved on a copy so a config shared by several engines keeps saying "auto"
+        on_cuda = self.device.type == "cuda"
+        self.config = replace(
+            self.config,
+            kv_backend=("paged" if on_cuda else "contiguous") if self.config.kv_backend == "auto" else self.config.kv_backend,
+            moe_kernel=("triton" if on_cuda else "torch") if self.config.moe_kernel == "auto" else self.config.moe_kernel,
+        )
         if self.config.moe_kernel == "triton":
             from .kernels.fused_moe import fused_moe
 
