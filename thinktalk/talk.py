@@ -271,7 +271,7 @@ class Talk:
         try:
             import sounddevice as sd
         except ImportError:
-            raise SystemExit("the microphone needs the optional extra: pip install 'thinktalk[voice]' "
+            raise SystemExit("the microphone needs the optional extra: pip install 'thinktalk[mic]' "
                              "(sounddevice); or give --input-wav FILE")
         if self.output_dir is None:
             self.player = _try_player(self.out)

@@ -233,3 +233,48 @@ def test_resent_spoken_conversation_reuses_the_kv_prefix(tiny_instruct):
     req2, cached2, _ = _turn(omni, items)
     assert len(req1.prompt_ids) >= 32 and req2.prompt_ids[: len(req1.prompt_ids)] == req1.prompt_ids
     assert cached2 >= len(req1.prompt_ids) // 16 * 16
+
+
+def test_reference_speech_source(tiny_instruct):
+    """The fallback SpeechSource (no streaming stage): waits for the text, then the reference path."""
+    from types import SimpleNamespace
+
+    from thinktalk.api import Omni
+    from thinktalk.request import SamplingParams
+    from thinktalk.server.metrics import Metrics
+    from thinktalk.server.realtime import ReferenceSpeech, StageSpeech
+
+    omni = Omni.load(tiny_instruct, device="cpu", progress=False)
+    req = omni.make_request([{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_new_tokens=4),
+                            speaker="Ethan")
+    for _ in omni.stream(req):
+        pass
+
+    async def run_in(fn, *a, **k):
+        return fn(*a, **k)
+
+    st = SimpleNamespace(omni=omni, max_speech_frames=3, metrics=Metrics("t"),
+                         run_speech=lambda fn: run_in(fn), run_cpu=run_in)
+
+    async def go():
+        done = asyncio.get_running_loop().create_future()
+        chunks = []
+
+        async def collect():
+            async for pcm in ReferenceSpeech(st).stream(req, done):
+                chunks.append(pcm)
+
+        task = asyncio.ensure_future(collect())
+        await asyncio.sleep(0.05)
+        assert not chunks  # nothing before the text is done
+        done.set_result(req.finish_reason)
+        await task
+        staged = StageSpeech()
+        staged.feed(b"\x01\x00")
+        staged.feed(None)
+        return chunks, [c async for c in staged.stream(req, done)]
+
+    chunks, staged = asyncio.run(go())
+    n = len(b"".join(chunks))
+    assert n % 2 == 0 and 2 * 1920 * 2 < n <= 3 * 1920 * 2  # at most 3 codec frames of pcm16
+    assert staged == [b"\x01\x00"]

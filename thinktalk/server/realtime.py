@@ -20,9 +20,9 @@ turns were (earlier answers as the assistant text that was heard), so an engine 
 reuses the KV of everything before the new turn.
 
 The speech comes from a `SpeechSource`: an async iterator of pcm16 (24 kHz) chunks per request.
-`ReferenceSpeech` (the only one today) waits for the text to finish, runs Omni's reference speech
-path in the speech pool and yields the waveform; a streaming speech stage plugs in by implementing
-`SpeechSource.stream` and starting before the text is done.
+`StageSpeech` (used when the server's AsyncEngine has the streaming speech stage) carries the PCM
+the engine stream yields while the thinker is still writing; `ReferenceSpeech` (the fallback) waits
+for the text, runs Omni's reference speech path in the speech pool and yields the waveform.
 
 Dialects (beta / GA event names) and the extensions are described in realtime_protocol.py.
 """
@@ -111,6 +111,21 @@ class ReferenceSpeech:
             m.rtf.labels(m.model).observe((time.perf_counter() - t0) / seconds)
             m.audio_seconds.labels(m.model).inc(seconds)
             yield await st.run_cpu(to_pcm16, np.asarray(wav, dtype=np.float32))
+
+
+class StageSpeech:
+    """PCM of the engine's streaming speech stage: the response loop `feed`s what the request's
+    stream yields (audio events beside its tokens), `stream` hands it on; None ends it."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def feed(self, pcm: bytes | None) -> None:
+        self.queue.put_nowait(pcm)
+
+    async def stream(self, req, text_done: asyncio.Future) -> AsyncIterator[bytes]:
+        while (pcm := await self.queue.get()) is not None:
+            yield pcm
 
 
 class Pacer:
@@ -223,6 +238,7 @@ class RealtimeSession:
         self.items: list[Item] = []
         self.buffer = AudioBuffer()
         self.images: list[bytes] = []
+        self.speech_override = speech  # a SpeechSource given here wins over the engine's speech stage
         self.speech = speech or ReferenceSpeech(st)
         self.response: RealtimeResponse | None = None
         self._send_lock = asyncio.Lock()
@@ -810,21 +826,32 @@ class RealtimeSession:
             await self.emit(resp, {"type": "conversation.item.created", "previous_item_id": previous,
                                    "item": item.dump(self.dialect)})
             await self.emit(resp, {"type": "response.content_part.added", **self._ids(resp), "part": self._part(resp)})
-            stream = st.engine.add(req)
+            staged = None
+            if p.audio_out and getattr(st.engine, "can_stream_speech", False) and self.speech_override is None:
+                staged = StageSpeech()
+                stream = st.engine.add(req, speak=True, max_frames=st.max_speech_frames)
+            else:
+                stream = st.engine.add(req)
             text_done: asyncio.Future = asyncio.get_running_loop().create_future()
             if p.audio_out:
-                audio_task = asyncio.ensure_future(self._send_audio(resp, req, text_done))
+                audio_task = asyncio.ensure_future(self._send_audio(resp, req, text_done, staged or self.speech))
             from .outputs import TextPipeline
 
             processor = st.omni.processor
             pipe = TextPipeline(lambda ids: processor.decode(ids, skip_special_tokens=True), [], parse_tools=False)
             delta_type = "response.output_audio_transcript.delta" if p.audio_out else "response.output_text.delta"
             async for ev in stream:
+                if staged is not None and ev.audio is not None and len(ev.audio):
+                    staged.feed(to_pcm16(ev.audio))
+                if not ev.token_ids:
+                    continue
                 pieces = pipe.feed(ev.token_ids)
                 if pieces.content:
                     resp.text += pieces.content
                     item.text = resp.text
                     await self.emit(resp, {"type": delta_type, **self._ids(resp), "delta": pieces.content})
+            if staged is not None:
+                staged.feed(None)
             tail = pipe.finish()
             if tail.content:
                 resp.text += tail.content
@@ -901,10 +928,10 @@ class RealtimeSession:
                 m.tpot.labels(m.model).observe((stream.last_token_at - stream.first_token_at) / (stream.num_tokens - 1))
         m.generation_tokens.labels(m.model).inc(stream.num_tokens)
 
-    async def _send_audio(self, resp: RealtimeResponse, req, text_done: asyncio.Future) -> None:
+    async def _send_audio(self, resp: RealtimeResponse, req, text_done: asyncio.Future, speech: SpeechSource) -> None:
         pacer = Pacer()
         step = OUTPUT_RATE * AUDIO_CHUNK_MS // 1000 * 2  # bytes
-        source = self.speech.stream(req, text_done)
+        source = speech.stream(req, text_done)
         try:
             async for pcm in source:
                 resp.audio_made += len(pcm) // 2
