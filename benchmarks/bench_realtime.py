@@ -18,8 +18,8 @@ Per turn (client clock):
   commit_to_done          committed -> response.done
 
 Random weights never say the end-of-answer token: --max-output-tokens and --max-speech-seconds
-bound each answer (the reference speech path speaks only after the text, so first audio grows with
-both; a streaming speech stage removes that).
+bound each answer. The server speaks through its streaming speech stage (first audio after a few
+codec frames, while the thinker still writes).
 """
 
 from __future__ import annotations
