@@ -35,7 +35,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -575,4 +575,3 @@ def describe(model: nn.Module) -> str:
     return ", ".join(bits)
 
 
-_ = replace  # re-exported for callers building variants of a QuantConfig

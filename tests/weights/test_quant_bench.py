@@ -1,0 +1,30 @@
+"""benchmarks/bench_quant.py runs end to end (tiny config, CPU dry run), so the GPU run the
+integrator starts does not die on an API that moved: every variant builds layer by layer, is
+measured per layer, speaks one exchange and decodes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_quant_dry_run(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quant.py"), "--tiny", "--out", str(out),
+           "--variants", "bf16", "int4", "fp8", "--audio-seconds", "2", "--speech-seconds", "1",
+           "--decode-len", "6", "--decode-len-many", "3", "--streams", "3", "--answer-tokens", "6",
+           "--logit-tokens", "48", "--error-tokens", "24"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["variants"]) == {"bf16", "int4", "fp8"} and res["command"] and res["versions"]["torch"]
+    int4 = res["variants"]["int4"]
+    assert int4["weights_gib"] < res["variants"]["bf16"]["weights_gib"]
+    assert len(int4["layer_errors"]["per_layer"]["thinker.model"]) == 4
+    assert int4["exchange"]["codec_frames"] > 0 and int4["decode_3"]["tok_s"] > 0
+    assert 0 <= int4["logits"]["top1_agreement"] <= 1
