@@ -19,12 +19,15 @@ Per-step inputs reach the device from pinned host memory (no synchronising pagea
 from __future__ import annotations
 
 import bisect
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from .layers.attention import causal_attention
 from .speech_stage import ResidualPick, StaticFrameKV, predict_frame_static, predictor_positions, to_device
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -183,7 +186,7 @@ class SlotTalker:
         if decode:
             slots = [j.kv for j in decode]
             self._ensure(max(self.lengths) + 1)
-            bucket = bucket_for(max(slots) + 1, tuple(b for b in BUCKETS if b <= self.num_slots) + (self.num_slots,))
+            bucket = self.bucket(max(slots) + 1)
             if self.graphs_on and bucket is not None:
                 h, lg = self._decode_graph(bucket, slots, dec_embeds, dec_positions)
             else:
@@ -197,10 +200,29 @@ class SlotTalker:
                 self.lengths[slot] += 1
         return torch.cat(hiddens), torch.cat(logits)
 
+    def bucket(self, rows: int) -> int | None:
+        """The graph batch size that covers slots [0, rows)."""
+        return bucket_for(rows, tuple(b for b in BUCKETS if b < self.num_slots) + (self.num_slots,))
+
+    def warm(self, rows: int) -> None:
+        """Capture the decode graph that serves `rows` speaking requests (start-up, nothing speaking)."""
+        bucket = self.bucket(rows)
+        if self.graphs_on and bucket is not None and bucket not in self._graphs:
+            self._capture(bucket)
+
     def _decode_graph(self, bucket: int, slots: list[int], embeds: torch.Tensor, positions: torch.Tensor):
         entry = self._graphs.get(bucket)
         if entry is None:
-            entry = self._capture(bucket)
+            try:
+                entry = self._capture(bucket)
+            except Exception as exc:  # noqa: BLE001 - e.g. a talker MoE kernel that syncs: run eagerly
+                log.warning("talker decode CUDA graph capture failed (%r); decoding eagerly", exc)
+                self.graphs_on = False
+                self._graphs = {}
+                rows = to_device(slots, torch.long, self.device)
+                wpos = to_device([self.lengths[s] for s in slots], torch.long, self.device)
+                h = self.talker(embeds, positions, SlotDecode(self, rows, wpos))
+                return h, self.talker.logits(h).float()
         rows = to_device(slots, torch.long, self.device)
         entry["wpos"].copy_(to_device(self.lengths[:bucket], torch.long, self.device), non_blocking=True)
         entry["embeds"].index_copy_(0, rows, embeds.to(self.dtype))
@@ -256,7 +278,13 @@ class GraphPredictor:
         sampled = pick.noise is not None
         entry = self._graphs.get((bucket, sampled))
         if entry is None:
-            entry = self._capture(bucket, sampled, pick.sampling)
+            try:
+                entry = self._capture(bucket, sampled, pick.sampling)
+            except Exception as exc:  # noqa: BLE001 - run the same loop eagerly
+                log.warning("code predictor CUDA graph capture failed (%r); running it eagerly", exc)
+                self.graphs_on = False
+                self._graphs = {}
+                return self(hidden, first_code, pick)
         entry["hidden"][:b].copy_(hidden)
         entry["code"][:b].copy_(first_code)
         if sampled:
@@ -276,8 +304,10 @@ class GraphPredictor:
             pick = ResidualPick(sampling, entry["greedy"], entry["noise"])
         else:
             pick = ResidualPick(sampling, None, None)
-        kv = self._kv(bucket)
-        positions = predictor_positions(bucket, self.groups, self.device)
+        # the graph reads these eager tensors: keep them alive with it
+        kv = entry["kv"] = self._kv(bucket)
+        positions = entry["positions"] = predictor_positions(bucket, self.groups, self.device)
+        entry["pick"] = pick
 
         def body():
             return predict_frame_static(self.talker, entry["hidden"], entry["code"], pick, kv, positions)

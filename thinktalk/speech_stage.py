@@ -186,12 +186,10 @@ class StaticFrameKV:
         self.k[layer][:, :, p : p + t] = k.view(b, t, hkv, d).transpose(1, 2)
         self.v[layer][:, :, p : p + t] = v.view(b, t, hkv, d).transpose(1, 2)
         keys, values = self.k[layer][:, :, : p + t], self.v[layer][:, :, : p + t]
-        groups = hq // hkv
         qh = q.view(b, t, hq, d).transpose(1, 2)  # [B, Hq, t, D]
-        kh = keys.repeat_interleave(groups, dim=1)
-        vh = values.repeat_interleave(groups, dim=1)
         # t == 2 only at p == 0 (the frame's first two tokens): plain causal; t == 1 sees everything
-        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=t > 1, scale=scale)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, keys, values, is_causal=t > 1, scale=scale, enable_gqa=hq != hkv)
         return out.transpose(1, 2).reshape(b * t, hq, d)
 
 
@@ -294,6 +292,7 @@ class SpeechJob:
     host_codes: list = field(default_factory=list)
     stream: Code2WavStream | None = None
     chunks: int = 0
+    samples: int = 0  # PCM samples emitted
     cancelled: bool = False
     finish_reason: str | None = None
     audio: list = field(default_factory=list)  # kept PCM chunks (keep_audio=True)
@@ -330,6 +329,8 @@ class SpeechStage:
     "contiguous", "slots" (static slots, eager) or "graphs".
     max_active: requests speaking at once (others wait for a place); None: no limit (contiguous)
     or the slot count.
+    pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
+    keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.
     """
 
     def __init__(
@@ -344,6 +345,7 @@ class SpeechStage:
         max_active: int | None = None,
         slot_capacity: int = 2048,
         keep_audio: bool = False,
+        pad_final_chunk: bool | None = None,
         profile: bool = False,
     ):
         if model.talker is None:
@@ -358,6 +360,7 @@ class SpeechStage:
         self.keep_audio = keep_audio
         self.device = self.talker.codec_head.weight.device
         self.dtype = self.talker.codec_head.weight.dtype
+        self.pad_final_chunk = self.device.type == "cuda" if pad_final_chunk is None else pad_final_chunk
         vocab = self.tcfg.text_config.vocab_size
         self.vocab = vocab
         self.codec_eos = self.tcfg.codec_eos_token_id
@@ -459,6 +462,30 @@ class SpeechStage:
     def kv_tokens(self) -> int:
         """Talker KV tokens held, over all requests."""
         return sum(self.runner.kv_tokens(j) for j in self.jobs.values() if j.kv is not None)
+
+    @torch.inference_mode()
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Pay one-time costs before the first request: CUDA graphs for these numbers of speaking
+        requests, and code2wav over every chunk shape the schedule makes (conv set-up per shape).
+        Call at start-up, from the thread that steps the stage, with no request speaking."""
+        sizes = sorted(set(self.schedule))
+        first = self.schedule[0]
+        second = self.schedule[1] if len(self.schedule) > 1 else first
+        plans = [[first, n] for n in sizes if n <= second] + [[first, second, n] for n in sizes]
+        for plan in plans:
+            stream = Code2WavStream(self.code2wav, self.schedule)
+            for n in plan:
+                stream.push(torch.zeros(self.groups, n, dtype=torch.long, device=self.device))
+            stream.flush()
+        if self.backend_name != "graphs":
+            return
+        hidden = torch.zeros(1, self.talker.cfg.text_config.hidden_size, dtype=self.dtype, device=self.device)
+        for b in batch_sizes:
+            code = torch.zeros(b, dtype=torch.long, device=self.device)
+            self.predictor(hidden.expand(b, -1), code, ResidualPick(self.sampling, None, None))
+            self.runner.warm(b)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -651,10 +678,7 @@ class SpeechStage:
     def _end(self, job: SpeechJob, reason: str) -> None:
         if job.done:
             return
-        if reason != "abort" and job.stream is not None and job.frames:
-            pcm = job.stream.flush()
-        else:
-            pcm = None
+        pcm = self._flush(job) if reason != "abort" and job.stream is not None and job.frames else None
         job.state = DONE
         job.finish_reason = reason
         job.pending = None
@@ -664,8 +688,28 @@ class SpeechStage:
         self.finished[job.request_id] = job
         self._emit(job, pcm, finished=True)
 
+    def _flush(self, job: SpeechJob) -> torch.Tensor:
+        """The rest of a request's waveform. With pad_final_chunk the pending frames are padded to
+        a schedule size (code2wav's conv shapes stay few: no per-length setup on the GPU) and the
+        output is cut to the one-shot length: samples before T*U - lookahead never read frame T."""
+        stream = job.stream
+        pending = stream.frames_pending
+        if not self.pad_final_chunk or pending == 0:
+            return stream.flush()
+        target = next((n for n in sorted(set(self.schedule)) if n >= pending), pending)
+        out = []
+        if target > pending:
+            pad = torch.zeros(self.groups, target - pending, dtype=torch.long, device=self.device)
+            part = stream.push(pad)
+            if part is not None:
+                out.append(part)
+        out.append(stream.flush())
+        total = len(job.frames) * self.code2wav.total_upsample - self.code2wav.lookahead_samples
+        return torch.cat(out)[: max(0, total - job.samples)]
+
     def _emit(self, job: SpeechJob, pcm: torch.Tensor | None, finished: bool) -> None:
         samples = np.zeros(0, dtype=np.float32) if pcm is None else pcm.float().flatten().cpu().numpy()
+        job.samples += samples.size
         if job.t_first_chunk is None and samples.size:
             job.t_first_chunk = time.perf_counter()
         if self.keep_audio and samples.size:

@@ -130,14 +130,16 @@ def test_forced_answer_tts_equals_reference(omni):
 
 
 # -- streaming ----------------------------------------------------------------------------------
-def test_stream_equals_oneshot_decode(omni):
-    """Streamed PCM (chunks of 4, 25, 50 frames) = one-shot code2wav of the same codes."""
+@pytest.mark.parametrize("pad", [False, True])
+def test_stream_equals_oneshot_decode(omni, pad):
+    """Streamed PCM (chunks of 4, 25, 50 frames) = one-shot code2wav of the same codes; pad: the
+    last chunk decoded padded to a schedule size and cut (the GPU default), still exact."""
     req = _request(omni, tokens=16, frames=40)
     m = omni.model  # the same thinker and talker, code2wav in float64
     model64 = SimpleNamespace(thinker=m.thinker, talker=m.talker, code2wav=copy.deepcopy(m.code2wav).double())
     errors = {}
     for name, model in (("float32", omni.model), ("float64", model64)):
-        stage = SpeechStage(model, omni.cfg, sorted(omni.engine.eos_token_ids), keep_audio=True)
+        stage = SpeechStage(model, omni.cfg, sorted(omni.engine.eos_token_ids), keep_audio=True, pad_final_chunk=pad)
         r = _request(omni, tokens=16, frames=40) if name == "float64" else req
         (job,), log = _run(omni, stage, [r])
         with torch.inference_mode():
@@ -148,7 +150,7 @@ def test_stream_equals_oneshot_decode(omni):
         assert sizes[0] == 4 * u - hold and sizes[1] == 25 * u  # small first chunk, then larger
         assert streamed.shape == oneshot.shape
         errors[name] = float(np.abs(streamed - oneshot).max())
-    print(f"streamed vs one-shot code2wav: max abs error {errors}")
+    print(f"streamed vs one-shot code2wav (pad_final_chunk={pad}): max abs error {errors}")
     # float32: rounding of different conv lengths, amplified by the random decoder; float64: exact
     assert errors["float64"] < 1e-6 and errors["float32"] < 2e-2
 
