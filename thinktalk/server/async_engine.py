@@ -190,9 +190,11 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - the thread must report any death
             self.error = exc
             log.critical("engine thread died: %r", exc, exc_info=exc)
-            self._fail_all(exc)
-            if self.on_fatal is not None:
-                self.on_fatal(exc)
+            try:
+                if self.on_fatal is not None:  # first, so the server says broken before clients hear of it
+                    self.on_fatal(exc)
+            finally:
+                self._fail_all(exc)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once asked to stop."""
