@@ -96,3 +96,17 @@ def test_make_tiny(tmp_path):
     result = _run("make-tiny", tmp_path / "t", "--variant", "captioner", "--seed", 3)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t" / "model.safetensors.index.json").is_file()
+
+
+def test_stop_string_ends_the_answer(tiny_instruct):
+    from thinktalk.api import Omni
+
+    omni = Omni.load(tiny_instruct, device="cpu", progress=False)
+    messages = [{"role": "user", "content": "hi"}]
+    full = omni.generate(messages, temperature=0, max_new_tokens=12)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
+    assert stop.strip(), full.text
+    cut = omni.generate(messages, temperature=0, max_new_tokens=12, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert len(cut.token_ids) < len(full.token_ids)

@@ -187,10 +187,20 @@ class Omni:
             raise
         while any(r.finish_reason is None for r in reqs) or (stage is not None and any(r.request_id in stage.jobs for r in reqs)):
             self.engine.step()
+            self._apply_stop_strings(reqs)
             if stage is not None:
                 stage.step()
         results = [self.finish(r, speech=self._collect_speech(stage, r) if stage is not None else None) for r in reqs]
         return results if batch else results[0]
+
+    def _apply_stop_strings(self, reqs: list[Request]) -> None:
+        """End requests whose text contains one of their stop strings (finish_reason "stop")."""
+        for req in reqs:
+            if req.finish_reason is None and req.sampling.stop and req.output_ids:
+                text = self.processor.decode(req.output_ids, skip_special_tokens=True)
+                if any(stop in text for stop in req.sampling.stop):
+                    self.engine.abort(req.request_id)
+                    req.finish_reason = "stop"
 
     @property
     def speech_stage(self):
@@ -289,6 +299,9 @@ class Omni:
         a speaking request is spoken now, by `speak`)."""
         ids = [t for t in req.output_ids if t not in self.engine.eos_token_ids]
         text = self.processor.decode(ids, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in req.sampling.stop if stop in text]
+        if cuts:  # the answer ends before its first stop string, as OpenAI's API does
+            text = text[: min(cuts)]
         reasoning, content = split_reasoning(text)
         result = Result(
             text=content, reasoning=reasoning, token_ids=list(req.output_ids), finish_reason=req.finish_reason,
