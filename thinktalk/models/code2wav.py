@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ..layers.norm import RMSNorm  # the same Qwen3 RMSNorm as the thinker's
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,19 +168,6 @@ class DecoderBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Sliding-window transformer
 # ----------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
 
 
 class LayerScale(nn.Module):
