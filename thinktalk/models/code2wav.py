@@ -51,10 +51,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..layers.norm import RMSNorm  # the same Qwen3 RMSNorm as the thinker's
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers.norm import RMSNorm  # the same Qwen3 RMSNorm as the thinker's
 
 # Architecture constants of the reference implementation. They are fixed in transformers' modeling
 # code (not fields of code2wav_config), so they are named here once instead of being read from it.
