@@ -252,8 +252,12 @@ class SlotTalker:
 class GraphPredictor:
     """A frame's 15 code-predictor steps on a static cache: one CUDA graph per (bucket, sampling)."""
 
-    def __init__(self, talker, *, graphs: bool = True, max_bucket: int = 128):
+    def __init__(self, talker, *, graphs: bool = True, max_bucket: int = 128, compile: bool = False):
+        """compile: run the frame's loop through torch.compile before capturing it (fused elementwise
+        kernels). Measured on an H200 (full-size talker, bf16): 11.6 -> 5.2 ms per frame at batch 1,
+        codes equal, but 80-150 s of compilation per batch-size bucket, so it is off by default."""
         self.talker = talker
+        self._frame = torch.compile(predict_frame_static, dynamic=False) if compile else predict_frame_static
         cp = talker.code_predictor.cfg
         self.groups = talker.num_code_groups
         self.layers = cp.num_hidden_layers
@@ -310,7 +314,7 @@ class GraphPredictor:
         entry["pick"] = pick
 
         def body():
-            return predict_frame_static(self.talker, entry["hidden"], entry["code"], pick, kv, positions)
+            return self._frame(self.talker, entry["hidden"], entry["code"], pick, kv, positions)
 
         entry["graph"], (entry["codes"], entry["summed"]) = _warm_and_capture(body)
         self._graphs[(bucket, sampled)] = entry
