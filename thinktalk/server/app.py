@@ -204,6 +204,13 @@ class ServerState:
             self.loop.call_soon_threadsafe(self.fail, f"loading the model failed: {exc}")
             return
         log.info("model loaded in %.1f s from %s", time.perf_counter() - t0, omni.path)
+        if omni.can_speak and omni.device.type == "cuda":
+            # capture the speech stage's CUDA graphs and code2wav chunk shapes now, not on the
+            # first requests (each new chunk shape costs ~1 s the first time); the engine thread
+            # has not started, so nothing else steps the stage meanwhile
+            t1 = time.perf_counter()
+            omni.speech_stage.warmup((1, 2, 4, 8, 16, 32))
+            log.info("speech stage warmed up in %.1f s", time.perf_counter() - t1)
         if omni.random_weights:
             log.warning("SERVING THE DEMO MODEL: %s", RANDOM_WEIGHTS_NOTICE)
         self.loop.call_soon_threadsafe(self._ready, omni)
