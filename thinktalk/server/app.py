@@ -209,8 +209,11 @@ class ServerState:
             # first requests (each new chunk shape costs ~1 s the first time); the engine thread
             # has not started, so nothing else steps the stage meanwhile
             t1 = time.perf_counter()
-            omni.speech_stage.warmup((1, 2, 4, 8, 16, 32))
-            log.info("speech stage warmed up in %.1f s", time.perf_counter() - t1)
+            try:
+                omni.speech_stage.warmup((1, 2, 4, 8, 16, 32))
+                log.info("speech stage warmed up in %.1f s", time.perf_counter() - t1)
+            except Exception:  # an optimisation only: serve without it rather than not at all
+                log.exception("speech stage warm-up failed; the first requests will pay its costs")
         if omni.random_weights:
             log.warning("SERVING THE DEMO MODEL: %s", RANDOM_WEIGHTS_NOTICE)
         self.loop.call_soon_threadsafe(self._ready, omni)
