@@ -286,3 +286,22 @@ def test_video_as_list_of_frames(processor, mm_files):
     assert out["video_second_per_grid"].tolist() == [2.0]
     with pytest.raises(Exception, match="no audio track"):
         processor.prepare_messages(messages, use_audio_in_video=True)
+
+
+def test_official_layout_without_tokenizer_json(tmp_path):
+    """The official checkpoints ship vocab.json + merges.txt and no tokenizer.json."""
+    import shutil
+
+    from thinktalk.config import ASSETS, ConfigError
+    from thinktalk.multimodal.processor import OmniProcessor
+
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json"):
+        shutil.copyfile(ASSETS / name, tmp_path / name)
+    shutil.copyfile(ASSETS / "config_instruct.json", tmp_path / "config.json")
+    proc = OmniProcessor.from_pretrained(tmp_path)
+    ref = OmniProcessor.from_pretrained(ASSETS)
+    text = "你好😀 <|im_start|>user\\n<|audio_start|><|audio_pad|><|audio_end|>hi<|im_end|>"
+    assert proc.encode(text) == ref.encode(text)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\\n")
+    with pytest.raises(ConfigError, match="tokenizer.json"):
+        OmniProcessor.from_pretrained(tmp_path)

@@ -90,6 +90,27 @@ def _jinja_environment() -> Any:
     return env
 
 
+def _tokenizer_file(folder: Path) -> Path:
+    """The folder's tokenizer.json; else the shipped one, when the folder's vocab.json and
+    merges.txt are Qwen3-Omni's own. The official checkpoints ship only vocab.json + merges.txt;
+    the shipped tokenizer.json encodes exactly as those do (see the reference's VERIFY.md)."""
+    own = folder / "tokenizer.json"
+    if own.is_file():
+        return own
+    from ..config import ASSETS
+
+    same = all(
+        (folder / name).is_file() and (folder / name).read_bytes() == (ASSETS / name).read_bytes()
+        for name in ("vocab.json", "merges.txt")
+    )
+    if same:
+        return ASSETS / "tokenizer.json"
+    raise ConfigError(
+        f"{folder}: no tokenizer.json, and its vocab.json/merges.txt are not Qwen3-Omni's; "
+        "add a tokenizer.json made from them (tokenizers' ByteLevel BPE)"
+    )
+
+
 def _read_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | dict[str, str] | None:
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
@@ -190,10 +211,7 @@ class OmniProcessor:
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"{folder}: not a folder")
-        tok_file = folder / "tokenizer.json"
-        if not tok_file.is_file():
-            raise ConfigError(f"{folder}: no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(tok_file))
+        tokenizer = Tokenizer.from_file(str(_tokenizer_file(folder)))
         tok_cfg_file = folder / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.is_file() else {}
         special: dict[str, str] = {}
