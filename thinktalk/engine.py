@@ -19,12 +19,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .decode_graphs import DecodeGraphs
 from .errors import ContextLengthError
+from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import ContiguousKV, SequenceKV
 from .layers.moe import SparseMoE
 from .request import Request, Status
-from .sampler import sample_one, top_logprobs
+from .sampler import sample_batch, top_logprobs
 from .scheduler import Batch, Scheduler, captured_tokens
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ class EngineConfig:
     kv_watermark: float = 0.01  # share of blocks kept free when admitting (fewer preemptions)
     decode_attention: str = "auto"  # "auto" (Triton on CUDA) | "triton" | "torch"
     moe_kernel: str = "auto"  # "torch" (reference) | "triton" (fused MoE kernel) | "auto": triton on CUDA
+    # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
+    # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
+    cuda_graphs: bool | None = None
+    max_graph_batch: int | None = None  # the largest graphed decode batch; None: max_num_seqs
 
 
 class Engine:
@@ -87,6 +93,7 @@ class Engine:
         if self.block_manager is not None:  # a request must fit the whole cache
             self.max_model_len = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
+        self.decode_graphs = self._make_decode_graphs()
         self._mm_embeds: dict[str, tuple] = {}  # full-prompt embeddings of multimodal requests in prefill
 
     @property
@@ -138,6 +145,11 @@ class Engine:
         return self.scheduler.schedule()
 
     def _run(self, batch: Batch) -> torch.Tensor:
+        if self.decode_graphs is not None and self.decode_graphs.supports(batch):
+            logits, captured = self.decode_graphs.run(batch)
+            if captured:
+                self._keep_hidden(batch, captured)
+            return logits
         embeds, deepstack = self._embed(batch)
         kv = self.pool.backend(batch, self.device)
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
@@ -151,15 +163,14 @@ class Engine:
 
     def _postprocess(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
         outputs = []
-        sampled = iter(logits)
+        sampled = iter(sample_batch(logits, [req for req, _, _, sample in batch.rows if sample]))
         for req, start, n, sample in batch.rows:
             self.pool.commit(req, start + n)
             if start + n >= len(req.prompt_ids):
                 self._mm_embeds.pop(req.request_id, None)
             if not sample:
                 continue  # a prompt chunk that does not reach the end: nothing to sample yet
-            row = next(sampled)
-            token, logprobs = sample_one(row, req.sampling, req.prompt_ids, req.output_ids, req.generator)
+            token, logprobs = next(sampled)
             req.output_ids.append(token)
             if req.sampling.logprobs is not None:
                 req.output_logprobs.append(top_logprobs(logprobs, token, req.sampling.logprobs))
@@ -249,6 +260,21 @@ class Engine:
             placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
             decode_attention=cfg.decode_attention,
         )
+
+    def _make_decode_graphs(self) -> DecodeGraphs | None:
+        cfg = self.config
+        use = cfg.cuda_graphs
+        if use is None:
+            use = (self.device.type == "cuda" and cfg.kv_backend == "paged" and cfg.moe_kernel == "triton"
+                   and self.pool.decode_fn is pa.paged_attention)
+        if not use:
+            return None
+        if cfg.kv_backend != "paged":
+            raise ValueError("cuda_graphs needs kv_backend='paged'")
+        capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
+        graphs = DecodeGraphs(self.thinker, self.pool, cfg.max_graph_batch or cfg.max_num_seqs, self.max_model_len, capture)
+        graphs.capture_all()
+        return graphs
 
     @torch.inference_mode()
     def _profile_prefill(self) -> None:

@@ -77,7 +77,10 @@ class PagedPool:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.placeholder_ids = frozenset(placeholder_ids)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # one block more than the manager hands out: the scratch block, where the padding rows of a
+        # CUDA-graphed decode step write and read (decode_graphs.py), so they never touch a sequence
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         if decode_attention not in ("auto", "triton", "torch"):

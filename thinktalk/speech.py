@@ -110,7 +110,7 @@ def pick_first_code(
     logits = logits.masked_fill(suppress, float("-inf"))
     if not sampling.do_sample:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits, sp).softmax(-1)
+    probs = filter_logits(logits, sp.temperature, sp.top_k, sp.top_p).softmax(-1)
     return int(torch.multinomial(probs[None], 1, generator=generator))
 
 
@@ -118,10 +118,9 @@ def residual_picker(sampling: TalkerSampling, generator: torch.Generator | None 
     """The code predictor's `pick(logits [B, V], group) -> [B]` matching the talker's do_sample."""
     if not sampling.do_sample:
         return greedy_pick
-    sp = SamplingParams(temperature=1.0, top_k=sampling.predictor_top_k, top_p=sampling.predictor_top_p)
 
     def pick(logits: torch.Tensor, group: int) -> torch.Tensor:
-        probs = torch.stack([filter_logits(row, sp) for row in logits]).softmax(-1)
+        probs = filter_logits(logits, 1.0, sampling.predictor_top_k, sampling.predictor_top_p).softmax(-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     return pick

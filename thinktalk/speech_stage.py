@@ -86,6 +86,7 @@ from .layers.attention import ContiguousKV, SequenceKV
 from .models.code2wav import Code2WavStream
 from .models.talker import talker_step
 from .request import Request
+from .sampler import filter_logits
 from .speech import TalkerSampling, _assistant_start, build_talker_inputs, speaker_id, suppressed_codec_ids
 
 SAMPLE_RATE = 24000
@@ -125,23 +126,6 @@ class SpeechEvent(NamedTuple):
 
 
 # -- vectorised picking -------------------------------------------------------------------------
-def filter_logits_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """`sampler.filter_logits` over the rows of [B, V] (temperature, top-k, top-p; removed -> -inf)."""
-    logits = logits / temperature
-    vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= 1 - top_p
-        remove_sorted[:, -1] = False  # always keep the most likely token
-        remove = torch.zeros_like(remove_sorted).scatter(1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
 def draw(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """A draw per row from softmax(logits) [B, V], given Exp(1) noise [B, V]: argmax(p / E)."""
     return torch.argmax(logits.softmax(-1) / noise, dim=-1)
@@ -169,7 +153,7 @@ class ResidualPick:
         if self.noise is None:
             return best
         s = self.sampling
-        drawn = draw(filter_logits_rows(logits, 1.0, s.predictor_top_k, s.predictor_top_p), self.noise[group - 1])
+        drawn = draw(filter_logits(logits, 1.0, s.predictor_top_k, s.predictor_top_p), self.noise[group - 1])
         return torch.where(self.greedy, best, drawn) if self.greedy is not None else drawn
 
 
@@ -656,7 +640,7 @@ class SpeechStage:
         sampled = [i for i, j in enumerate(batch) if not j.greedy]
         if sampled:
             noise = self._noise(batch, self.vocab, None)
-            drawn = draw(filter_logits_rows(logits, s.temperature, s.top_k, s.top_p), noise)
+            drawn = draw(filter_logits(logits, s.temperature, s.top_k, s.top_p), noise)
             greedy = to_device([j.greedy for j in batch], torch.bool, self.device)
             code = torch.where(greedy, code, drawn)
         seen.scatter_(1, code[:, None], True)

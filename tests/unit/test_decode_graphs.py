@@ -1,0 +1,121 @@
+"""The static-buffer decode step (decode_graphs.py) against the contiguous reference engine.
+
+On CUDA these steps replay CUDA graphs; here, on the CPU, the very same buffers, padding rows and
+scratch block run eagerly, so a wrong slot, block-table row or padding write shows up as a
+different greedy token. Tiny random thinker in fp32.
+"""
+
+import pytest
+import torch
+
+from thinktalk.config import config_from_dict
+from thinktalk.decode_graphs import buckets_up_to
+from thinktalk.engine import Engine, EngineConfig
+from thinktalk.request import Request, SamplingParams
+from thinktalk.weights.loader import build_model
+from thinktalk.weights.tiny import randomize_
+from thinktalk.weights.tiny_config import tiny_config_dict
+
+EOS = [-1]  # never sampled: every request runs to its max_new_tokens
+# (prompt length, seed, new tokens): different lengths so the decode batch shrinks step by step
+SHAPES = [(5, 1, 12), (19, 2, 3), (33, 3, 9), (7, 4, 6), (26, 5, 14)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = config_from_dict(tiny_config_dict())
+    return randomize_(build_model(cfg, "cpu", torch.float32, with_talker=False), seed=3)
+
+
+def _requests(speak=False):
+    reqs = []
+    for n, seed, new in SHAPES:
+        ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        r = Request(ids, torch.arange(n)[None].expand(3, -1).clone(), 0, SamplingParams(temperature=0, max_new_tokens=new))
+        r.speaker = "someone" if speak else None
+        reqs.append(r)
+    return reqs
+
+
+def _run(model, config, reqs, capture_layer=None):
+    engine = Engine(model, EOS, config, capture_layer=capture_layer)
+    for r in reqs:
+        engine.add_request(r)
+    while engine.has_work():
+        engine.step()
+    return engine
+
+
+def _graphed(**kw):
+    return EngineConfig(**{"kv_backend": "paged", "block_size": 4, "num_kv_blocks": 64, "cuda_graphs": True, **kw})
+
+
+def test_buckets():
+    assert buckets_up_to(1) == [1]
+    assert buckets_up_to(5) == [1, 2, 4, 5]
+    assert buckets_up_to(64)[-3:] == [32, 48, 64]
+
+
+def test_static_decode_equals_reference(model):
+    ref = _requests()
+    _run(model, EngineConfig(), ref)
+    got = _requests()
+    # 5 requests, graphs up to 3 (buckets 1, 2, 3): the first decode steps (4-5 requests) run
+    # eagerly, the rest through the buffers
+    engine = _run(model, _graphed(max_graph_batch=3), got)
+    assert engine.decode_graphs is not None and engine.decode_graphs.steps > 0
+    assert [r.output_ids for r in got] == [r.output_ids for r in ref]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_padding_writes_only_the_scratch_block(model):
+    engine = Engine(model, EOS, _graphed(max_graph_batch=4))
+    pool = engine.pool
+    for layer in range(len(pool.k)):
+        pool.k[layer].fill_(7.0)  # a marker in every block
+    reqs = _requests()[:3]
+    for r in reqs:
+        r.sampling.max_new_tokens = 3
+        engine.add_request(r)
+    while engine.has_work():
+        engine.step()
+    # two decode steps of 3 requests, each in bucket 4: one padding row per step
+    assert engine.decode_graphs.steps == 2
+    # only the requests' own blocks (prompt + 2 fed tokens each) and the scratch block changed
+    own_blocks = sum(-(-(len(r.prompt_ids) + 2) // 4) for r in reqs)
+    for layer in range(len(pool.k)):
+        changed = ~(pool.k[layer] == 7.0).flatten(1).all(1)
+        assert bool(changed[pool.scratch_block])
+        assert int(changed[: pool.scratch_block].sum()) == own_blocks
+
+
+def test_preemption_prefix_reuse_and_hidden_states(model):
+    ref = _requests(speak=True)
+    _run(model, EngineConfig(), ref, capture_layer=2)
+    got = _requests(speak=True)
+    engine = _run(model, _graphed(num_kv_blocks=12, kv_watermark=0.0, max_prefill_tokens=16), got, capture_layer=2)
+    assert engine.stats["preemptions"] > 0 and engine.stats["cached_tokens"] > 0 and engine.decode_graphs.steps > 0
+    for a, b in zip(ref, got):
+        assert a.output_ids == b.output_ids
+        for layer in (0, 2):
+            x, y = torch.cat(a.capture[layer]), torch.cat(b.capture[layer])
+            assert x.shape[0] == y.shape[0] == a.num_tokens - 1
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_fractional_rope_delta(model):
+    """A video prompt's decode positions can be fractional; the buffers keep them."""
+    def make():
+        r = _requests()[2]
+        r.rope_delta = 0.5
+        return r
+
+    ref, got = make(), make()
+    _run(model, EngineConfig(), [ref])
+    engine = _run(model, _graphed(), [got])
+    assert engine.decode_graphs.steps > 0 and got.output_ids == ref.output_ids
+
+
+def test_graphs_need_the_paged_cache(model):
+    with pytest.raises(ValueError, match="paged"):
+        Engine(model, EOS, EngineConfig(kv_backend="contiguous", cuda_graphs=True))
