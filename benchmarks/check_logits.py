@@ -76,8 +76,14 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
         "cosine": torch.nn.functional.cosine_similarity(ours, ref, dim=-1).tolist(),
         "top1_equal": (ours.argmax(-1) == ref.argmax(-1)).tolist(),
     }
+    # where the top tokens differ: how far apart transformers' own logits put the two (a near tie
+    # is a small gap next to the logits' spread)
+    ours_top, ref_top = ours.argmax(-1), ref.argmax(-1)
+    rows = torch.nonzero(ours_top != ref_top).flatten()
+    gaps = (ref[rows, ref_top[rows]] - ref[rows, ours_top[rows]]).tolist()
     return {
         "rows": ours.shape[0],
+        "top1_gap_where_different": gaps,
         "max_abs": max(per_row["max_abs"]),
         "max_abs_over_max_logit": max(per_row["max_abs_over_max_logit"]),
         "min_cosine": min(per_row["cosine"]),

@@ -23,8 +23,9 @@ from .decode_graphs import DecodeGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
-from .layers.attention import ContiguousKV, SequenceKV
+from .layers.attention import Attention, ContiguousKV, SequenceKV
 from .layers.moe import SparseMoE
+from .layers.norm import RMSNorm
 from .request import Request, Status
 from .sampler import sample_batch, top_logprobs
 from .scheduler import Batch, Scheduler, captured_tokens
@@ -57,10 +58,33 @@ class EngineConfig:
     kv_watermark: float = 0.01  # share of blocks kept free when admitting (fewer preemptions)
     decode_attention: str = "auto"  # "auto" (Triton on CUDA) | "triton" | "torch"
     moe_kernel: str = "auto"  # "torch" (reference) | "triton" (fused MoE kernel) | "auto": triton on CUDA
+    # RMSNorm (+ residual add), q/k norm + rotary, router softmax + top-k: "torch" (reference) |
+    # "triton" (one fused kernel each, kernels/rms_norm.py, rope.py, router.py) | "auto": triton on CUDA
+    layer_kernels: str = "auto"
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
     max_graph_batch: int | None = None  # the largest graphed decode batch; None: max_num_seqs
+
+
+def use_triton_kernels(model, moe: bool, layers: bool) -> None:
+    """Swap the Triton kernels into the model's modules (each has the signature of the torch
+    reference it replaces, set as a class attribute; this sets instance attributes)."""
+    from .kernels.fused_moe import fused_moe
+    from .kernels.rms_norm import add_rms_norm, rms_norm
+    from .kernels.rope import qk_norm_rope
+    from .kernels.router import softmax_topk
+
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            if moe:
+                module.experts_fn = fused_moe
+            if layers:
+                module.topk_fn = softmax_topk
+        elif layers and isinstance(module, RMSNorm):
+            module.kernel, module.add_kernel = rms_norm, add_rms_norm
+        elif layers and isinstance(module, Attention):
+            module.qk_kernel = qk_norm_rope
 
 
 class Engine:
@@ -81,13 +105,9 @@ class Engine:
             self.config,
             kv_backend=("paged" if on_cuda else "contiguous") if self.config.kv_backend == "auto" else self.config.kv_backend,
             moe_kernel=("triton" if on_cuda else "torch") if self.config.moe_kernel == "auto" else self.config.moe_kernel,
+            layer_kernels=("triton" if on_cuda else "torch") if self.config.layer_kernels == "auto" else self.config.layer_kernels,
         )
-        if self.config.moe_kernel == "triton":
-            from .kernels.fused_moe import fused_moe
-
-            for module in model.modules():
-                if isinstance(module, SparseMoE):
-                    module.experts_fn = fused_moe
+        use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton")
         self.pool = self._make_pool()
         self.block_manager = self.pool.block_manager  # None on the contiguous path
         if self.block_manager is not None:  # a request must fit the whole cache

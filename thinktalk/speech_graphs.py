@@ -12,7 +12,7 @@
   which is how the CPU tests exercise the graph body).
 
 Graph capture needs a talker MoE without host synchronisation: with graphs=True the talker's
-`SparseMoE.experts_fn` becomes the fused Triton kernel (as the engine does for moe_kernel="triton").
+MoE and layers take the fused Triton kernels (`engine.use_triton_kernels`, as the engine does on CUDA).
 Per-step inputs reach the device from pinned host memory (no synchronising pageable copies).
 """
 
@@ -118,15 +118,13 @@ class SlotTalker:
         self.free = list(range(num_slots))  # kept sorted: the lowest slot first keeps buckets small
         self.graphs_on = graphs and self.device.type == "cuda"
         if self.graphs_on:
-            from .kernels.fused_moe import available, fused_moe
-            from .layers.moe import SparseMoE
+            from .engine import use_triton_kernels
+            from .kernels.common import available
 
             if not available(self.device):
                 self.graphs_on = False
             else:
-                for module in talker.modules():
-                    if isinstance(module, SparseMoE):
-                        module.experts_fn = fused_moe
+                use_triton_kernels(talker, moe=True, layers=True)
         self._graphs: dict[int, dict] = {}
 
     # -- slots ------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ scratch block run eagerly, so a wrong slot, block-table row or padding write sho
 different greedy token. Tiny random thinker in fp32.
 """
 
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # only the test that asks for Triton uses it
+
 import pytest
 import torch
 
@@ -119,3 +123,23 @@ def test_fractional_rope_delta(model):
 def test_graphs_need_the_paged_cache(model):
     with pytest.raises(ValueError, match="paged"):
         Engine(model, EOS, EngineConfig(kv_backend="contiguous", cuda_graphs=True))
+
+
+def test_all_triton_kernels_with_static_decode(model):
+    """Fused MoE, paged attention and the layer kernels (Triton interpreter) in the static step."""
+    from thinktalk.kernels.common import available
+    from thinktalk.kernels.common import interpreting
+
+    if not available("cpu") or not interpreting():
+        pytest.skip("needs triton and TRITON_INTERPRET=1 before thinktalk is imported")
+    ref = _requests()[:2]
+    _run(model, EngineConfig(), ref)
+    got = _requests()[:2]
+    try:
+        engine = _run(model, _graphed(decode_attention="triton", moe_kernel="triton", layer_kernels="triton"), got)
+        assert engine.decode_graphs.steps > 0
+        assert [r.output_ids for r in got] == [r.output_ids for r in ref]
+    finally:
+        for m in model.modules():  # the engine set the kernels on these instances
+            for name in ("experts_fn", "topk_fn", "kernel", "add_kernel", "qk_kernel"):
+                m.__dict__.pop(name, None)

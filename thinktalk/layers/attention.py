@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.rope import qk_norm_rope_reference
 from .norm import RMSNorm
-from .rotary import apply_rotary
 
 
 class AttentionBackend(Protocol):
@@ -25,6 +25,9 @@ class AttentionBackend(Protocol):
 
 
 class Attention(nn.Module):
+    # q/k RMSNorm + rotary; the engine swaps in the fused Triton kernel (kernels/rope.py) on GPU
+    qk_kernel = staticmethod(qk_norm_rope_reference)
+
     def __init__(
         self,
         layer: int,
@@ -48,10 +51,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.qk_kernel(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
         out = kv.attend(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 

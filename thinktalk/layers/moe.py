@@ -14,17 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.router import softmax_topk_reference
 from .mlp import ACTIVATIONS, GatedMLP
 
 
-def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool):
+def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool, topk_fn=softmax_topk_reference):
     """Softmax router: returns (top-k weights in hidden's dtype, top-k expert ids)."""
-    logits = F.linear(hidden, router_weight)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), ids
+    return topk_fn(F.linear(hidden, router_weight), top_k, normalize)
 
 
 def moe_reference(
@@ -64,6 +60,7 @@ class Router(nn.Module):
 class SparseMoE(nn.Module):
     # Swapped by the engine for the fused Triton kernel on GPU; same signature as moe_reference.
     experts_fn = staticmethod(moe_reference)
+    topk_fn = staticmethod(softmax_topk_reference)  # router softmax + top-k; Triton: kernels/router.py
 
     def __init__(
         self,
@@ -88,7 +85,7 @@ class SparseMoE(nn.Module):
             self.shared_expert = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob, self.topk_fn)
         out = self.experts_fn(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.act)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
