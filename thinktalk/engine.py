@@ -23,7 +23,7 @@ from .decode_graphs import DecodeGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
-from .layers.attention import Attention, ContiguousKV, SequenceKV
+from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .request import Request, Status
@@ -69,7 +69,8 @@ class EngineConfig:
 
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
-    reference it replaces, set as a class attribute; this sets instance attributes)."""
+    reference it replaces, set as a class attribute; this sets instance attributes). With the layer
+    kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`)."""
     from .kernels.fused_moe import fused_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
@@ -85,6 +86,7 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
             module.kernel, module.add_kernel = rms_norm, add_rms_norm
         elif layers and isinstance(module, Attention):
             module.qk_kernel = qk_norm_rope
+            fuse_qkv(module)
 
 
 class Engine:

@@ -153,6 +153,25 @@ if triton is not None:
             tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
+    @triton.jit
+    def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                             stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+        """out[b, h] = sum_s softmax(lse[b, h, :])[s] * partial[b, h, s] (lse in log2 units)."""
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, axis=0))
+        w = w / tl.sum(w, axis=0)
+        p = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        out = tl.sum(p * w[:, None], axis=0)
+        tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
+
+
 def _num_splits(batch: int, kv_heads: int, max_context_len: int | None, block_n: int, device) -> int:
     if max_context_len is None or device.type != "cuda":
         return 1
@@ -213,5 +232,11 @@ def paged_attention(
     )
     if splits == 1:
         return out
-    weights = torch.softmax(lse * 0.6931471805599453, dim=-1)  # log2 -> natural units
-    return (partial * weights[..., None]).sum(dim=2).to(q.dtype)
+    # the splits' partial outputs weighted by their share of the softmax mass, in one kernel
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(batch, num_heads)](
+        partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
+        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), num_warps=1,
+    )
+    return out

@@ -27,6 +27,8 @@ class AttentionBackend(Protocol):
 class Attention(nn.Module):
     # q/k RMSNorm + rotary; the engine swaps in the fused Triton kernel (kernels/rope.py) on GPU
     qk_kernel = staticmethod(qk_norm_rope_reference)
+    # q, k and v projections in one GEMM: set by `fuse_qkv` (their weights become views of it)
+    qkv_weight: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -51,12 +53,39 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         q, k = self.qk_kernel(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
         out = kv.attend(self.layer, q, k, v, self.scale)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+def fuse_qkv(attn: Attention) -> bool:
+    """Stack q/k/v_proj's weights into one tensor, theirs becoming views of it (no extra memory),
+    so the three projections are one GEMM. Only plain bias-free Linears of one dtype (quantized
+    projections keep their own kernels). Returns whether it fused."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if attn.qkv_weight is not None:
+        return True
+    if any(type(p) is not nn.Linear or p.bias is not None for p in projs):
+        return False
+    if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1:
+        return False
+    with torch.no_grad():
+        stacked = torch.cat([p.weight for p in projs])
+        start = 0
+        for p in projs:
+            rows = p.weight.shape[0]
+            p.weight = nn.Parameter(stacked[start : start + rows], requires_grad=False)
+            start += rows
+    attn.qkv_weight = stacked
+    return True
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

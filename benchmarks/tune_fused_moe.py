@@ -1,0 +1,85 @@
+"""Tile sizes of the fused MoE kernel for the Qwen3-Omni thinker's shapes, measured on the GPU.
+
+    python benchmarks/tune_fused_moe.py --out benchmarks/results/tune_fused_moe_h200.json
+
+For each token count (decode batches of 1, 8, 64, and a 512-token prefill chunk) every config is
+timed as a CUDA graph of 20 calls (the engine replays decode steps as graphs, so launch overhead is
+not what is being measured). `kernels/fused_moe._pick_config` takes its table from the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from thinktalk.kernels.fused_moe import _pick_config, fused_moe  # noqa: E402
+from thinktalk.layers.moe import route  # noqa: E402
+
+
+def time_graph(fn, reps: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * reps) * 1000  # us per call
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512])
+    args = ap.parse_args()
+    experts, hidden, inter, top_k = 128, 2048, 768, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(experts, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    router = torch.randn(experts, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    bytes_per_expert = (gate_up[0].numel() + down[0].numel()) * 2
+    configs = [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in itertools.product([16, 32, 64], [32, 64, 128], [64, 128], [4], [3, 4])
+    ]
+    result = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": dict(experts=experts, hidden=hidden, inter=inter, top_k=top_k), "tokens": {}}
+    for n in args.tokens:
+        x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        w, ids = route(x, router, top_k, True)
+        hit = torch.unique(ids).numel()
+        rows = []
+        for cfg in [None] + [c for c in configs if c["BLOCK_M"] <= max(16, 4 * n * top_k // experts * 2)]:
+            try:
+                us = time_graph(lambda: fused_moe(x, gate_up, down, w, ids, config=cfg))
+            except Exception as exc:  # a config the compiler rejects (shared memory)
+                rows.append({"config": cfg, "error": str(exc)[:120]})
+                continue
+            rows.append({"config": cfg or {"default": _pick_config(n * top_k, experts, hidden, inter)}, "us": us,
+                         "tb_s": hit * bytes_per_expert / us / 1e6})
+        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+        result["tokens"][str(n)] = {"experts_hit": hit, "default": rows[0], "best": ok[:5]}
+        print(n, "default", rows[0].get("us"), "best", ok[0], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
