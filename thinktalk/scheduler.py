@@ -69,6 +69,19 @@ def token_positions(req: Request, start: int, end: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def decode_positions(rows: list[tuple[Request, int]]) -> torch.Tensor:
+    """`token_positions` of one token per row, [3, len(rows)], built in one go."""
+    cols = []
+    for req, start in rows:
+        if start >= len(req.prompt_ids):  # a generated token: index + rope_delta on all three axes
+            p = start + req.rope_delta
+            cols.append((p, p, p))
+        else:  # the prompt's last token (after a chunked or cached prefill)
+            cols.append(tuple(req.positions[:, start].tolist()))
+    # as token_positions: long for integer positions, float where rope_delta is a float
+    return torch.tensor(cols).T.contiguous()
+
+
 def captured_tokens(req: Request) -> int:
     """Tokens whose hidden states the request already keeps for the talker."""
     return sum(x.shape[0] for x in req.capture[0]) if req.capture else 0
@@ -163,5 +176,8 @@ class Scheduler:
             sample=[s + n == r.num_tokens for r, s, n in rows],
         )
         batch.input_ids = torch.tensor([t for part in ids for t in part], dtype=torch.long)
-        batch.positions = torch.cat([token_positions(r, s, s + n) for r, s, n in rows], dim=1)
+        parts = [token_positions(r, s, s + n) for r, s, n in prefills]
+        if decodes:  # one tensor for all decode rows: per-row torch ops cost ~1 ms per 64 rows
+            parts.append(decode_positions([(r, s) for r, s, _ in decodes]))
+        batch.positions = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return batch

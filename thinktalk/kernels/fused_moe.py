@@ -94,10 +94,21 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids
 
 
+# Up to this many (token, slot) pairs (a decode of 1-2 tokens at top-8) each pair gets its own
+# block of rows: the expert sort costs more than the few repeated weight reads it would save.
+PAIR_BLOCKS_MAX = 16
+
+
 def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
+    """Tiles from benchmarks/results/tune_fused_moe_h200.json (H200, the thinker's shapes): long K
+    tiles with deep pipelining while the kernel is bound by reading experts (decode), 64-row
+    blocks once each expert has many rows (prefill)."""
     rows_per_expert = nk / max(1, min(num_experts, nk))
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3 if block_m < 64 else 2)
+    if nk <= PAIR_BLOCKS_MAX:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+    if rows_per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4 if rows_per_expert > 2 else 3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 if triton is not None:
@@ -149,7 +160,7 @@ if triton is not None:
         num_rows, hidden_size, inter_size,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks = tl.cdiv(inter_size, BLOCK_N)
@@ -158,8 +169,10 @@ if triton is not None:
         expert = tl.load(expert_ids_ptr + pid_m)
         if expert < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(sorted_ids_ptr + offs_m)
+        if PAIR_BLOCKS:  # block m is (token, slot) pair m alone; expert_ids are the flat top-k ids
+            rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)
+        else:
+            rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = rows < num_rows
         tokens = rows // TOP_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,7 +205,7 @@ if triton is not None:
         num_rows, hidden_size, inter_size,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks = tl.cdiv(hidden_size, BLOCK_N)
@@ -201,8 +214,10 @@ if triton is not None:
         expert = tl.load(expert_ids_ptr + pid_m)
         if expert < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(sorted_ids_ptr + offs_m)
+        if PAIR_BLOCKS:
+            rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)
+        else:
+            rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = rows < num_rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hidden_size
@@ -249,7 +264,12 @@ def fused_moe(
     launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
     upcast = dot_in_fp32(hidden.dtype)
     precision = dot_precision(torch.float32 if upcast else hidden.dtype)
-    sorted_ids, expert_ids = moe_align(topk_ids, num_experts, bm)
+    pair_blocks = nk <= PAIR_BLOCKS_MAX
+    if pair_blocks:  # a block per (token, slot) pair: no sort by expert needed (3 kernels saved)
+        expert_ids = topk_ids.reshape(-1)
+        sorted_ids = expert_ids  # unused
+    else:
+        sorted_ids, expert_ids = moe_align(topk_ids, num_experts, bm)
     num_m_blocks = expert_ids.numel()
 
     inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
@@ -260,7 +280,8 @@ def fused_moe(
         hidden.stride(0), hidden.stride(1),
         gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
         inter_act.stride(0), inter_act.stride(1),
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast, **launch,
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast,
+        PAIR_BLOCKS=pair_blocks, **launch,
     )
 
     out = torch.empty(nk, hidden_size, dtype=torch.float32, device=hidden.device)
@@ -272,6 +293,7 @@ def fused_moe(
         inter_act.stride(0), inter_act.stride(1),
         down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast,
+        PAIR_BLOCKS=pair_blocks, **launch,
     )
     return out.view(n, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
