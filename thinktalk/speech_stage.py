@@ -476,7 +476,12 @@ class SpeechStage:
         hidden = torch.zeros(1, self.talker.cfg.text_config.hidden_size, dtype=self.dtype, device=self.device)
         for b in batch_sizes:
             code = torch.zeros(b, dtype=torch.long, device=self.device)
+            # both predictor graphs of the bucket: greedy, and sampled (the server's default speech
+            # samples; capturing that one on a live request cost seconds of first-audio latency)
             self.predictor(hidden.expand(b, -1), code, ResidualPick(self.sampling, None, None))
+            noise = torch.ones(self.groups - 1, b, self.pred_vocab, device=self.device)
+            greedy = torch.zeros(b, dtype=torch.bool, device=self.device)
+            self.predictor(hidden.expand(b, -1), code, ResidualPick(self.sampling, greedy, noise))
             self.runner.warm(b)
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -289,3 +289,13 @@ def test_stream_speech_api(omni):
     it.close()
     assert not omni.engine.has_work() and not omni.speech_stage.has_work()
     assert omni.speech_stage.kv_tokens() == 0
+
+
+def test_warmup_runs_greedy_and_sampled_predictor_then_speaks_the_same(omni):
+    """warmup() runs (on the GPU: captures) both predictor variants of each bucket; the stage then
+    speaks exactly as a cold one. On the CPU the 'graphs' backend runs the same bodies eagerly."""
+    warm = _stage(omni, backend="graphs")
+    warm.warmup((1, 2))
+    req = _request(omni)
+    (job,), _ = _run(omni, warm, [req])
+    assert job.codes().shape[1] > 0 and torch.equal(job.codes(), _reference(omni, req))
