@@ -302,21 +302,13 @@ class _Chat:
             reason = "stop" if ch.pipe.stopped else ch.stream.finish_reason
             if ch.pipe.tool_calls:
                 reason = "tool_calls"
-            self._observe(ch.stream)
+            self.st.metrics.observe_stream(ch.stream, self.arrival)
             if self.voice is not None:
                 _observe_speech(self.st, ch.stream, self.arrival)
             ch.finish_reason = reason
             yield _Update(finish_reason=reason)
         finally:
             ch.stream.abort()  # no-op when finished; frees the KV of a request left early
-
-    def _observe(self, s: RequestStream) -> None:
-        m = self.st.metrics
-        if s.first_token_at is not None:
-            m.ttft.labels(m.model).observe(s.first_token_at - self.arrival)
-            if s.num_tokens > 1:
-                m.tpot.labels(m.model).observe((s.last_token_at - s.first_token_at) / (s.num_tokens - 1))
-        m.generation_tokens.labels(m.model).inc(s.num_tokens)
 
     def close(self, release):
         """The idempotent end of a chat: abort what still runs, give the places back, time it."""

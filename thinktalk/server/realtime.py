@@ -862,7 +862,7 @@ class RealtimeSession:
                 await self.emit(resp, {"type": delta_type, **self._ids(resp), "delta": tail.content})
             resp.output_tokens = stream.num_tokens
             resp.cached_tokens = req.num_cached_tokens or 0
-            self._observe(resp, stream)
+            st.metrics.observe_stream(stream, resp.created_at)
             text_done.set_result(stream.finish_reason)
             if audio_task is not None:
                 await audio_task
@@ -923,14 +923,6 @@ class RealtimeSession:
         await self.send({"type": "response.done", "response": self._response_dump(resp)})
         m = self.st.metrics
         m.e2e.labels(m.model).observe(time.perf_counter() - resp.created_at)
-
-    def _observe(self, resp: RealtimeResponse, stream) -> None:
-        m = self.st.metrics
-        if stream.first_token_at is not None:
-            m.ttft.labels(m.model).observe(stream.first_token_at - resp.created_at)
-            if stream.num_tokens > 1:
-                m.tpot.labels(m.model).observe((stream.last_token_at - stream.first_token_at) / (stream.num_tokens - 1))
-        m.generation_tokens.labels(m.model).inc(stream.num_tokens)
 
     async def _send_audio(self, resp: RealtimeResponse, req, text_done: asyncio.Future, speech: SpeechSource) -> None:
         pacer = Pacer()
