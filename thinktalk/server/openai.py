@@ -38,7 +38,7 @@ from .outputs import ParsedToolCall, Pieces, TextPipeline
 from .protocol import (
     TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceLogprobs, ChunkChoice, CompletionTokensDetails, Delta, DeltaAudio, MessageAudio, ModelCard, ModelList,
-    NamedToolChoice, PromptTokensDetails, ResponseFunction, ResponseMessage, ResponseToolCall, SpeechRequest,
+    PromptTokensDetails, ResponseFunction, ResponseMessage, ResponseToolCall, SpeechRequest,
     TokenLogprob, TopLogprob, Usage, bad_request, error_body, new_id, now,
 )
 
@@ -397,22 +397,6 @@ def _sampling(body: ChatCompletionRequest, **overrides):
     return sampling_from(body.preset, **values)
 
 
-def _tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
-    """(tools for the chat template, whether to parse tool calls out of the answer)."""
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-    choice = body.tool_choice
-    if choice == "none" or not tools:
-        if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise bad_request("tool_choice needs tools", param="tool_choice")
-        return None, False
-    if isinstance(choice, NamedToolChoice):
-        tools = [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not tools:
-            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                              param="tool_choice")
-    return tools, True
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, st: ServerState = Depends(api)):
     arrival = time.perf_counter()
@@ -432,7 +416,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: Se
             raise bad_request(str(exc), param="audio.voice") from None
         if body.stream and body.audio.format != "pcm16":
             raise bad_request("streamed audio is sent as pcm16: set audio.format to 'pcm16'", param="audio.format")
-    tools, parse_tools = _tools(body)
+    tools = body.template_tools()
     enable_thinking = body.enable_thinking
     if enable_thinking is None and body.chat_template_kwargs is not None:
         enable_thinking = body.chat_template_kwargs.enable_thinking
@@ -449,7 +433,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: Se
         choices = []
         for i, r in enumerate(reqs):
             stream = st.engine.add(r, speak=voice is not None, max_frames=st.max_speech_frames)
-            choices.append(_Choice(i, stream, TextPipeline(decode, body.stop or [], parse_tools)))
+            choices.append(_Choice(i, stream, TextPipeline(decode, body.stop or [], tools is not None)))
         st.metrics.prompt_tokens.labels(st.model_name).inc(len(req.prompt_ids))
         chat = _Chat(st, body, chat_id, now(), arrival, voice, choices, len(req.prompt_ids), by_modality)
     except BaseException:
