@@ -131,12 +131,19 @@ class Omni:
         use_audio_in_video: bool = False,
         enable_thinking: bool | None = None,
         tools: list[dict] | None = None,
+        audio_per_clip: bool = False,
     ) -> Request:
-        """Render, tokenize and load the media of one conversation into an engine request."""
+        """Render, tokenize and load the media of one conversation into an engine request.
+
+        audio_per_clip: each audio clip's features as if it came alone, not padded to the longest
+        clip as the reference does; for conversations re-sent turn after turn, whose earlier clips
+        must keep their features (and so their cached KV) when a longer clip is added.
+        """
         if speaker is not None:
             speaker = self.check_speaker(speaker)
         inputs = self.processor.prepare_messages(
-            messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools
+            messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools,
+            audio_per_clip=audio_per_clip,
         )
         req = request_from_inputs(inputs, self.cfg.thinker_config, sampling, self.device, use_audio_in_video)
         req.speaker = speaker
@@ -365,6 +372,7 @@ def request_from_inputs(
     inputs: dict[str, Any], thinker_cfg, sampling: SamplingParams, device, use_audio_in_video: bool = False
 ) -> Request:
     """Processor outputs of one conversation -> an engine request with its M-RoPE positions."""
+    from .multimodal.items import media_items
     from .multimodal.mrope import get_rope_index
 
     input_ids = inputs["input_ids"]
@@ -383,6 +391,8 @@ def request_from_inputs(
         sampling=sampling,
         mm=mm if has_mm else None,
     )
+    if has_mm:
+        req.media_items = media_items(inputs, thinker_cfg)
     req.mm_inputs = inputs  # kept for the talker (grids, audio lengths)
     return req
 

@@ -605,7 +605,7 @@ class EngineBackend:
 
         from .server.media import MediaPolicy, convert_messages
         from .server.outputs import TextPipeline
-        from .server.protocol import APIError, ChatCompletionRequest, NamedToolChoice
+        from .server.protocol import APIError, ChatCompletionRequest
 
         omni = self.omni
         try:
@@ -622,11 +622,7 @@ class EngineBackend:
                 raise ItemError("invalid_request_error", "modalities includes 'audio': give audio={'voice', 'format'}")
             job.voice = omni.check_speaker(body.audio.voice)
             job.audio_format = body.audio.format
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
-        if body.tool_choice == "none":
-            tools = None
-        elif isinstance(body.tool_choice, NamedToolChoice) and tools:
-            tools = [t for t in tools if t["function"]["name"] == body.tool_choice.function.name] or None
+        tools = body.template_tools()
         enable_thinking = body.enable_thinking
         if enable_thinking is None and body.chat_template_kwargs is not None:
             enable_thinking = body.chat_template_kwargs.enable_thinking

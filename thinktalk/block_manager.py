@@ -5,11 +5,12 @@ ordered block table; its token t lives in slot t % block_size of block table[t /
 
 Prefix reuse: once every slot of a block holds computed keys/values, the block is indexed by a
 hash chained over the whole prefix: hash(previous block's hash, the block's token ids, its
-positions, extra). `extra` is the request's media digest for blocks that hold multimodal
-placeholder tokens, so two prompts with the same placeholder ids but different images, audio or
-video never share a block (and, through the chain, nothing after it). A new sequence looks its
-full prompt blocks up in order and shares the longest run found (ref count + 1), computing only
-the rest.
+positions, extra). For a block that holds multimodal placeholder tokens, `extra` is the digests
+of the media items those placeholders belong to (kv_cache.py; multimodal/items.py), so two
+prompts with the same placeholder ids but different images, audio or video never share a block
+(and, through the chain, nothing after it), while a conversation re-sent with one more item still
+shares the blocks of the items it had. A new sequence looks its full prompt blocks up in order
+and shares the longest run found (ref count + 1), computing only the rest.
 
 A block whose ref count drops to zero goes back to the free list but keeps its hash and content:
 until it is handed out again it can still be found and revived, so a second turn of a
@@ -45,7 +46,8 @@ def block_hash(prev: bytes | None, token_ids: Iterable[int], positions: np.ndarr
 
 def media_digest(items: Iterable) -> bytes:
     """A digest of a request's media inputs (tensors, arrays, bytes, numbers; None skipped), for
-    `block_hash`'s extra. Hashes contents, dtypes and shapes (grids included)."""
+    `block_hash`'s extra when a request has no per-item digests. Hashes contents, dtypes and
+    shapes (grids included)."""
     h = hashlib.blake2b(digest_size=16)
     for t in items:
         if t is None:

@@ -17,13 +17,15 @@ layers call. Two pools share that interface:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .block_manager import BlockManager, SeqBlocks, block_hash, media_digest
 from .kernels import paged_attention as pa
 from .layers.attention import ContiguousKV, SequenceKV
+from .multimodal.items import item_of_token
 from .request import Request
 from .scheduler import Batch, token_positions, token_slice
 
@@ -57,7 +59,10 @@ class ContiguousPool:
 
 @dataclass
 class PagedSeq(SeqBlocks):
-    media: bytes | None = None  # digest of the request's media, mixed into blocks with placeholders
+    # media of the prompt, mixed into the hash of each block holding its placeholders: the index
+    # of the item each prompt token is a placeholder of (-1: none), and the items' digests
+    media_owner: np.ndarray | None = None
+    media_digests: list[bytes] = field(default_factory=list)
 
 
 class PagedPool:
@@ -96,7 +101,7 @@ class PagedPool:
         bm, bs = self.block_manager, self.block_size
         seq = PagedSeq()
         if req.mm is not None and bm.enable_prefix_caching:
-            seq.media = getattr(req, "mm_hash", None) or media_digest(vars(req.mm).values())
+            self._index_media(req, seq)
         n = req.num_tokens
         limit = (n - 1) // bs  # the last token is always computed: its logits are needed
         if max_cached is not None:
@@ -133,10 +138,29 @@ class PagedPool:
         return PagedAttention(self, batch, device)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _index_media(self, req: Request, seq: PagedSeq) -> None:
+        """Which media item each prompt token is a placeholder of, from `req.media_items` (one digest
+        per item, computed when the request was made). A request without them, or whose prompt does
+        not match them, gets one digest of all its media for every placeholder (no reuse across
+        different media, nor of earlier items when one is added)."""
+        items = req.media_items or []
+        owner = item_of_token(req.prompt_ids, items) if items else None
+        if owner is not None:
+            seq.media_owner, seq.media_digests = owner, [it.digest for it in items]
+            return
+        ids = np.asarray(req.prompt_ids, dtype=np.int64)
+        seq.media_owner = np.where(np.isin(ids, list(self.placeholder_ids)), 0, -1)
+        seq.media_digests = [media_digest(vars(req.mm).values())]
+
     def _hash(self, req: Request, seq: PagedSeq, index: int, prev: bytes | None) -> bytes:
         start, end = index * self.block_size, (index + 1) * self.block_size
         ids = token_slice(req, start, end)
-        extra = seq.media if seq.media is not None and not self.placeholder_ids.isdisjoint(ids) else None
+        extra = None
+        if seq.media_owner is not None:
+            owners = seq.media_owner[start:end]  # prompt tokens only: generated ones carry no media
+            owners = np.unique(owners[owners >= 0])
+            if owners.size:
+                extra = b"".join(seq.media_digests[i] for i in owners)
         return block_hash(prev, ids, token_positions(req, start, end).numpy(), extra)
 
 

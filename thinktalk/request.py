@@ -88,6 +88,7 @@ class Request:
     rope_delta: float  # decode position = tokens so far + rope_delta (fractional for some videos)
     sampling: SamplingParams
     mm: Any = None  # models.thinker.MultimodalInputs of this prompt, or None
+    media_items: list | None = None  # multimodal.items.MediaItem of mm, in placeholder order (prefix-cache keys)
     speaker: str | None = None  # set: speak the answer with this voice
     speech_max_frames: int | None = None  # cap on codec frames (12.5/s); None: the talker's default
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
@@ -97,6 +98,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     kv: Any = None
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
     capture: dict[int, list[torch.Tensor]] | None = None  # hidden states kept for the talker
     generator: torch.Generator | None = None
 

@@ -148,6 +148,8 @@ class Scheduler:
             self.running.append(req)
             done = self.pool.num_computed(req)
             self.stats["cached_tokens"] += done
+            if req.num_cached_tokens is None:  # a re-admission after preemption is not the client's
+                req.num_cached_tokens = min(done, len(req.prompt_ids))
             n = req.num_tokens - done
             n = min(n, budget) if self.config.chunked_prefill else n
             prefills.append((req, done, n))

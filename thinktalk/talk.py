@@ -227,6 +227,7 @@ class Talk:
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}))
 
     async def _send_wav(self, ws, reader: asyncio.Task) -> None:
+        from .audio_out import to_pcm16
         from .multimodal.audio import load_audio
 
         if self.output_dir is None:
@@ -234,7 +235,7 @@ class Talk:
             if self.player is None:
                 self.output_dir = Path(".")
         wave = await asyncio.to_thread(load_audio, str(self.input_wav), IN_RATE)
-        pcm = (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+        pcm = to_pcm16(wave)
         pcm += b"\x00\x00" * int(TRAILING_SILENCE_S * IN_RATE)
         step = IN_RATE * CHUNK_MS // 1000 * 2
         t0 = time.monotonic()

@@ -13,9 +13,7 @@ server), so both paths answer exactly as /v1/audio/transcriptions does.
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .asr import timestamp
+from .audio_out import wav_bytes
 from .batch import TRANSCRIBE, BatchItem, ItemError, MemorySink, ProgressView, Stats, CountingSink
 
 RATE = 16000
@@ -124,16 +123,6 @@ def split_on_silence(
     return [(a * hop / rate, min(b * hop / rate, duration)) for a, b in out]
 
 
-def wav_bytes_16k(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 # -- formats ----------------------------------------------------------------------------------------
 def render(t: Transcript, fmt: str) -> str:
     if fmt == "txt":
@@ -194,7 +183,7 @@ def transcribe_files(
         spans = split_on_silence(audio, min_silence_s=min_silence_s) if split else [(0.0, t.duration)]
         for j, (a, b) in enumerate(spans):
             t.segments.append(Segment(a, b))
-            ref: Any = str(path.resolve()) if not split else wav_bytes_16k(audio[int(a * RATE): int(b * RATE)])
+            ref: Any = str(path.resolve()) if not split else wav_bytes(audio[int(a * RATE): int(b * RATE)], RATE)
             items.append(BatchItem(0, f"{k}:{j}", TRANSCRIBE, {"file": ref, **fields}, path.parent.resolve()))
     stats = Stats(total=len(items))
     sink = MemorySink()

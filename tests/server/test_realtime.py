@@ -182,6 +182,36 @@ def test_manual_turn_ga(server, speech):
     run(go())
 
 
+def test_spoken_turns_reuse_the_cached_conversation(serve_factory, tiny_instruct, speech):
+    """Three spoken turns against a server with the paged KV cache: each turn's usage reports the
+    whole earlier conversation as cached (the second clip is the longest, which would change the
+    first clip's reference features: the server computes each clip's features alone)."""
+    paged = serve_factory("--model", str(tiny_instruct), "--served-model-name", "tiny", "--kv-backend", "paged",
+                          "--api-key", KEY)
+    clips = [speech["hello24"], speech["stop24"] + speech["hello24"], speech["hello24"][: len(speech["hello24"]) // 2]]
+
+    async def go():
+        usages = []
+        async with aclient(paged).realtime.connect(model="tiny") as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.session.update(session={**MANUAL_GA, "output_modalities": ["text"]})
+            assert (await conn.recv()).type == "session.updated"
+            for pcm in clips:
+                await stream_audio(conn, pcm, realtime=False)
+                await conn.input_audio_buffer.commit()
+                await conn.response.create()
+                log = await events_until(conn, "response.done")
+                usages.append(log[-1][1].response.usage)
+        return usages
+
+    usages = run(go())
+    assert usages[0].input_token_details.cached_tokens == 0
+    for prev, cur in zip(usages, usages[1:]):
+        assert cur.input_token_details.audio_tokens > prev.input_token_details.audio_tokens
+        # the previous prompt in full blocks of 16 (its answer too, as far as it re-tokenizes alike)
+        assert prev.input_tokens // 16 * 16 <= cur.input_token_details.cached_tokens < cur.input_tokens
+
+
 def test_beta_dialect_16k(server, speech):
     async def go():
         client = aclient(server)

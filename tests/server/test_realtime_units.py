@@ -180,28 +180,27 @@ def test_pacer_keeps_a_bounded_lead():
 
 
 # -- prefix reuse ---------------------------------------------------------------------------------------
-def _paged_omni(path):
-    import dataclasses
-
+def _paged_omni(path, prefix_caching=True):
     from thinktalk.api import Omni
     from thinktalk.engine import EngineConfig
 
-    if "kv_backend" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-        pytest.skip("the engine has no paged KV cache yet")
-
     return Omni.load(path, device="cpu", talker=False, progress=False,
-                     engine_config=EngineConfig(kv_backend="paged", num_kv_blocks=512, block_size=16))
+                     engine_config=EngineConfig(kv_backend="paged", num_kv_blocks=512, block_size=16,
+                                                enable_prefix_caching=prefix_caching))
 
 
-def _turn(omni, items):
+def _turn(omni, items, stats=None):
+    """One turn the way the realtime server makes it (whole history, per-clip audio features)."""
     from thinktalk.request import SamplingParams
 
     req = omni.make_request([i.message() for i in items if i.message() is not None],
-                            SamplingParams(temperature=0.0, max_new_tokens=6))
-    before = omni.engine.stats["cached_tokens"]
+                            SamplingParams(temperature=0.0, max_new_tokens=6), audio_per_clip=True)
+    before = dict(omni.engine.stats)
     for _ in omni.stream(req):
         pass
-    return req, omni.engine.stats["cached_tokens"] - before, omni.finish(req).text
+    if stats is not None:
+        stats.update({k: omni.engine.stats[k] - before[k] for k in before})
+    return req, omni.engine.stats["cached_tokens"] - before["cached_tokens"], omni.finish(req).text
 
 
 def test_resent_conversation_reuses_the_kv_prefix(tiny_instruct):
@@ -219,9 +218,6 @@ def test_resent_conversation_reuses_the_kv_prefix(tiny_instruct):
     assert cached2 >= len(req1.prompt_ids) // 16 * 16
 
 
-@pytest.mark.xfail(reason="kv_cache mixes ONE digest of all of a request's media into every block with placeholders; "
-                          "a new turn's audio changes the hash of the earlier turns' audio blocks (needs a digest "
-                          "per media item, in kv_cache.py)", strict=False)
 def test_resent_spoken_conversation_reuses_the_kv_prefix(tiny_instruct):
     omni = _paged_omni(tiny_instruct)
     rng = np.random.default_rng(0)
@@ -233,6 +229,35 @@ def test_resent_spoken_conversation_reuses_the_kv_prefix(tiny_instruct):
     req2, cached2, _ = _turn(omni, items)
     assert len(req1.prompt_ids) >= 32 and req2.prompt_ids[: len(req1.prompt_ids)] == req1.prompt_ids
     assert cached2 >= len(req1.prompt_ids) // 16 * 16
+
+
+def test_three_spoken_turns_compute_only_the_new_turn(tiny_instruct):
+    """A spoken conversation of three turns (the second clip the longest, so the reference batch
+    features would have changed the first clip's): each turn computes only its own tokens, and the
+    answers are the ones of the same engine with prefix caching off."""
+    rng = np.random.default_rng(1)
+    clips = [(0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in (1.0, 2.6, 0.7)]
+
+    def converse(omni):
+        items, turns = [Item(id="s", role="system", text="You are a voice assistant.")], []
+        for k, clip in enumerate(clips):
+            items.append(Item(id=f"u{k}", role="user", audio=clip))
+            stats = {}
+            req, _, answer = _turn(omni, items, stats)
+            turns.append((list(req.prompt_ids), list(req.output_ids), stats, req.num_cached_tokens))
+            items.append(Item(id=f"a{k}", role="assistant", text=answer or "ok", spoken=True))
+        return turns
+
+    cached_run = converse(_paged_omni(tiny_instruct))
+    plain_run = converse(_paged_omni(tiny_instruct, prefix_caching=False))
+    for (p1, o1, s1, c1), (p2, o2, s2, c2) in zip(cached_run, plain_run):
+        assert p1 == p2 and o1 == o2  # same prompts, same greedy answers
+        assert s2["cached_tokens"] == 0 and s2["prefill_tokens"] == len(p2) and c2 == 0
+    for (prev, _, _, _), (prompt, _, stats, cached) in zip(cached_run, cached_run[1:]):
+        assert prompt[: len(prev)] == prev
+        assert stats["cached_tokens"] == cached >= len(prev) // 16 * 16  # the whole earlier conversation
+        assert stats["prefill_tokens"] == len(prompt) - cached  # the new turn, from the last partial block
+        assert stats["prefill_tokens"] < len(prompt) - len(prev) + 16
 
 
 def test_reference_speech_source(tiny_instruct):

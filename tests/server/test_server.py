@@ -182,11 +182,29 @@ def test_tools_accepted(client):
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
-        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=3)
+        tools=tools, tool_choice="auto", max_tokens=3)
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=user(), tools=tools, max_tokens=2,
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    r = client.chat.completions.create(model="tiny", messages=user("weather?"), tools=tools, tool_choice="none",
+                                       max_tokens=3)
+    assert r.choices[0].finish_reason in ("length", "stop") and not r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("choice,tools,says", [
+    ("required", True, "tool_choice 'required' is not supported: forcing a tool call needs guided decoding"),
+    ({"type": "function", "function": {"name": "get_weather"}}, True, "the function 'get_weather' is not supported"),
+    ({"type": "function", "function": {"name": "nope"}}, True, "'nope', which is not among the tools"),
+    ("required", False, "tool_choice needs tools"),
+])
+def test_tool_choice_that_forces_a_call_is_refused(server, choice, tools, says):
+    """We have no guided decoding to keep the promise of "required" or a named function: a clear
+    400, not an answer that may or may not call the tool."""
+    body = {"model": "tiny", "messages": user("weather in Paris?"), "max_tokens": 2, "tool_choice": choice}
+    if tools:
+        body["tools"] = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    status, err = post(server, "/v1/chat/completions", body)
+    assert status == 400, err
+    assert err["error"]["param"] == "tool_choice" and says in err["error"]["message"]
+    assert err["error"]["type"] == "invalid_request_error"
 
 
 # -- speech out -----------------------------------------------------------------------------------

@@ -279,3 +279,24 @@ def test_a_lost_server_stops_the_job_and_leaves_items_undone(tmp_path):
         run_batch(inp, out, HTTPBackend(f"http://127.0.0.1:{port}", concurrency=2, max_retries=1), progress=False)
     rows = read_output(out) if out.exists() else []
     assert all(r["custom_id"] is None for r in rows)  # at most the bad line; no item marked failed
+
+
+def test_a_batch_item_that_forces_a_tool_call_fails_alone(omni, tmp_path):
+    """tool_choice "required" (or a named function) cannot be kept without guided decoding: that
+    item is an invalid_request_error; "auto" beside it is answered."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([
+        _line("auto", "/v1/chat/completions", _chat("weather?", tools=tools, tool_choice="auto")),
+        _line("required", "/v1/chat/completions", _chat("weather?", tools=tools, tool_choice="required")),
+        _line("named", "/v1/chat/completions", _chat("weather?", tools=tools, tool_choice={
+            "type": "function", "function": {"name": "get_weather"}})),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    stats = run_batch(inp, out, EngineBackend(omni), progress=False)
+    rows = {r["custom_id"]: r for r in read_output(out)}
+    assert stats.done == 1 and stats.errors == 2
+    assert rows["auto"]["error"] is None
+    for cid in ("required", "named"):
+        err = rows[cid]["error"]
+        assert err["code"] == "invalid_request_error" and "needs guided decoding" in err["message"], err

@@ -74,12 +74,12 @@ def test_find_recordings(tmp_path):
 def test_transcribe_folder_in_process(tiny_instruct, tmp_path):
     from thinktalk.api import Omni
     from thinktalk.batch import EngineBackend
-    from thinktalk.bench.data import wav_bytes
+    from thinktalk.audio_out import wav_bytes
     from thinktalk.transcribe import transcribe_files
 
     omni = Omni.load(tiny_instruct, device="cpu", talker=False, progress=False)
-    (tmp_path / "one.wav").write_bytes(wav_bytes(np.concatenate([voice(1.2), silence(0.8), voice(1.2, f=240)])))
-    (tmp_path / "two.wav").write_bytes(wav_bytes(voice(1.0)))
+    (tmp_path / "one.wav").write_bytes(wav_bytes(np.concatenate([voice(1.2), silence(0.8), voice(1.2, f=240)]), 16000))
+    (tmp_path / "two.wav").write_bytes(wav_bytes(voice(1.0), 16000))
     (tmp_path / "broken.wav").write_bytes(b"RIFF....not audio")
     files = find_recordings([tmp_path])
     transcripts, stats = transcribe_files(files, EngineBackend(omni), split=True, max_tokens=3, progress=False)

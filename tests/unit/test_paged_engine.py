@@ -16,6 +16,7 @@ from thinktalk.block_manager import media_digest
 from thinktalk.config import config_from_dict
 from thinktalk.engine import Engine, EngineConfig
 from thinktalk.models.thinker import MultimodalInputs
+from thinktalk.multimodal.items import media_items
 from thinktalk.request import Request, SamplingParams
 from thinktalk.weights.loader import build_model
 from thinktalk.weights.tiny import randomize_
@@ -183,21 +184,35 @@ def test_context_limit_is_the_cache(model):
 
 
 # -- multimodal: the media is part of the prefix key --------------------------------------------
-def _image_request(model, seed, n_new=6):
-    """Text, one 2-token image (grid 1x2x4 patches, merged 2x2), text: [3 + 2 + 11] tokens."""
-    cfg = model.thinker.cfg
-    v = cfg.vision_config
+def _pixels(model, seed):
+    """The 8 patch rows of one 2-token image (grid 1x2x4 patches, merged 2x2)."""
+    v = model.thinker.cfg.vision_config
     patch = v.in_channels * v.temporal_patch_size * v.patch_size**2
-    pixels = torch.randn(8, patch, generator=torch.Generator().manual_seed(seed))
-    mm = MultimodalInputs(pixel_values=pixels, image_grid_thw=torch.tensor([[1, 2, 4]]))
+    return torch.randn(8, patch, generator=torch.Generator().manual_seed(seed))
+
+
+def _with_media(model, req, pixels: list[torch.Tensor], items: bool):
+    """Attach the images; with `items`, also their per-image digests, as `request_from_inputs` does
+    (without, the pool falls back to one digest of all the media)."""
+    grid = torch.tensor([[1, 2, 4]] * len(pixels))
+    req.mm = MultimodalInputs(pixel_values=torch.cat(pixels), image_grid_thw=grid)
+    if items:
+        req.media_items = media_items({"pixel_values": req.mm.pixel_values, "image_grid_thw": grid}, model.thinker.cfg)
+    return req
+
+
+def _image_request(model, seed, n_new=6, items=False):
+    """Text, one 2-token image, text: [3 + 2 + 11] tokens."""
+    cfg = model.thinker.cfg
     ids = [11, 12, 13] + [cfg.image_token_id] * 2 + _prompt(11, 42)
     pos = torch.arange(len(ids))[None].repeat(3, 1)
     pos[1, 4], pos[2, 4] = 4, 4  # a made-up but fixed M-RoPE layout for the image tokens
-    return _request(ids, n_new, mm=mm, positions=pos)
+    return _with_media(model, _request(ids, n_new, positions=pos), [_pixels(model, seed)], items)
 
 
-def test_images_never_share_blocks(model):
-    a, b = _image_request(model, 0), _image_request(model, 1)  # same ids, different pixels
+@pytest.mark.parametrize("items", [False, True], ids=["one-digest", "per-item"])
+def test_images_never_share_blocks(model, items):
+    a, b = _image_request(model, 0, items=items), _image_request(model, 1, items=items)  # same ids, other pixels
     assert a.prompt_ids == b.prompt_ids
     ref = _reference(model, [a, b])
     assert ref[0] != ref[1]  # the image matters
@@ -210,12 +225,61 @@ def test_images_never_share_blocks(model):
     assert [a.output_ids, b.output_ids] == ref
     assert engine.stats["cached_tokens"] == 0  # block 0 is [11, 12, 13, image]: not shareable
 
-    c = _image_request(model, 0)  # a's image again: its prompt blocks are reused
+    c = _image_request(model, 0, items=items)  # a's image again: its prompt blocks are reused
     engine.add_request(c)
     while engine.has_work():
         engine.step()
     assert c.output_ids == ref[0]
     assert engine.stats["cached_tokens"] == 12
+
+
+def _run_one(engine, req):
+    before = dict(engine.stats)
+    engine.add_request(req)
+    while engine.has_work():
+        engine.step()
+    return {k: engine.stats[k] - before[k] for k in before}
+
+
+def test_per_item_digests_share_up_to_the_first_different_image(model):
+    """Two images, the second one different: the blocks before it are shared, the rest not
+    (with one digest of all the media nothing holding an image could be)."""
+    cfg = model.thinker.cfg
+    # [11 12 13 I] [I t t t] [t t I I] [t t t t] [t t]: images at 3-4 and 10-11, blocks of 4
+    ids = [11, 12, 13] + [cfg.image_token_id] * 2 + _prompt(5, 60) + [cfg.image_token_id] * 2 + _prompt(6, 61)
+
+    def make(seeds, items):
+        return _with_media(model, _request(list(ids), 5), [_pixels(model, s) for s in seeds], items)
+
+    for items, shared in ((True, 8), (False, 0)):
+        x, y = make((0, 1), items), make((0, 2), items)
+        ref = _reference(model, [x, y])
+        assert ref[0] != ref[1]
+        engine = Engine(model, EOS, _paged())
+        _run_one(engine, x)
+        stats = _run_one(engine, y)
+        assert [x.output_ids, y.output_ids] == ref
+        assert stats["cached_tokens"] == shared, items
+
+
+def test_a_conversation_that_adds_an_image_reuses_the_earlier_one(model):
+    """Turn 2 re-sends turn 1 (text, image 1, text, answer) and adds image 2: everything of turn 1
+    in full blocks is reused, only the new turn is computed, and the tokens are the reference's."""
+    cfg = model.thinker.cfg
+    first = [11, 12, 13] + [cfg.image_token_id] * 2 + _prompt(9, 70)
+    r1 = _with_media(model, _request(first, 6), [_pixels(model, 0)], True)
+    engine = Engine(model, EOS, _paged())
+    _run_one(engine, r1)
+    assert r1.output_ids == _reference(model, [r1])[0]
+
+    second = first + r1.output_ids + [14] + [cfg.image_token_id] * 2 + _prompt(7, 71)
+    r2 = _with_media(model, _request(second, 6), [_pixels(model, 0), _pixels(model, 1)], True)
+    stats = _run_one(engine, r2)
+    assert r2.output_ids == _reference(model, [r2])[0]
+    cached = (len(first) + len(r1.output_ids) - 1) // 4 * 4  # turn 1's full blocks (its last token has no KV)
+    assert stats["cached_tokens"] == cached == 16  # 14 prompt + 5 answer tokens with KV: 4 blocks
+    assert stats["prefill_tokens"] == len(second) - cached  # the new turn and the partly filled block
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_image_prompt_in_chunks(model):

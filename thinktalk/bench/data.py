@@ -18,12 +18,13 @@ import base64
 import io
 import json
 import mimetypes
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..audio_out import wav_bytes
 
 KINDS = ("text", "image", "audio", "video")
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
@@ -72,16 +73,6 @@ def speechlike(rng: np.random.Generator, seconds: float, rate: int = 16000) -> n
     envelope = np.clip(np.sin(2 * np.pi * (3 + rng.random()) * t), 0, None) * (np.sin(2 * np.pi * 0.4 * t) > -0.5)
     audio = 0.25 * voice * envelope + 0.005 * rng.standard_normal(t.size)
     return audio.astype(np.float32)
-
-
-def wav_bytes(audio: np.ndarray, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def make_video(rng: np.random.Generator, seconds: float = 2.0, fps: int = 4, size: tuple[int, int] = (224, 160),
@@ -162,7 +153,7 @@ def synthetic_prompts(
             if kind == "image":
                 made.append(media_part("image", make_image(rng, image_size)))
             elif kind == "audio":
-                made.append(media_part("audio", wav_bytes(speechlike(rng, audio_seconds)), "audio/wav"))
+                made.append(media_part("audio", wav_bytes(speechlike(rng, audio_seconds), 16000), "audio/wav"))
             else:
                 made.append(media_part("video", make_video(rng, video_seconds)))
         media[kind] = made

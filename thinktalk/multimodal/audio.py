@@ -244,8 +244,15 @@ def mel_filter_bank(n_fft: int, n_mels: int, sampling_rate: int, f_min: float = 
 def log_mel_features(
     waveforms: Sequence[np.ndarray] | np.ndarray,
     config: MelConfig | None = None,
+    per_clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_features float32 [B, n_mels, T], feature_attention_mask int32 [B, T]) for 16 kHz clips."""
+    """(input_features float32 [B, n_mels, T], feature_attention_mask int32 [B, T]) for 16 kHz clips.
+
+    per_clip: each clip's features as if it came alone, right-padded with zeros (masked out) to
+    the longest, instead of the reference's batch (which pads the waveforms first, so the last
+    frame of a shorter clip and its frame count depend on the other clips). A re-sent conversation
+    then keeps its earlier clips' features, and with them their cached KV, when a longer clip joins.
+    """
     cfg = config or default_mel_config()
     if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
         waveforms = [waveforms]
@@ -255,6 +262,15 @@ def log_mel_features(
     for i, clip in enumerate(clips):
         if clip.size == 0:
             raise MediaError(f"audio #{i}: audio is empty (0 samples)")
+    if per_clip and len(clips) > 1:
+        alone = [log_mel_features([c], cfg) for c in clips]
+        frames = max(f.shape[-1] for f, _ in alone)
+        features = torch.zeros(len(clips), cfg.feature_size, frames, dtype=torch.float32)
+        mask = torch.zeros(len(clips), frames, dtype=torch.int32)
+        for i, (f, m) in enumerate(alone):
+            features[i, :, : f.shape[-1]] = f[0]
+            mask[i, : m.shape[-1]] = m[0]
+        return features, mask
     lengths = [c.size for c in clips]
     longest = max(lengths)
     if longest <= cfg.n_fft // 2:

@@ -368,6 +368,7 @@ class OmniProcessor:
         video_min_pixels: int = PROCESSOR_VIDEO_MIN_PIXELS,
         video_max_pixels: int = PROCESSOR_VIDEO_MAX_PIXELS,
         video_float: bool = False,
+        audio_per_clip: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Tokenize prompts and preprocess their media into model inputs (torch tensors).
 
@@ -378,7 +379,8 @@ class OmniProcessor:
         `fps`: the frames' sample rate, one value or one per video; by default a `VideoClip`'s own
         sample rate, else 1.0 (the reference processor's default; ``second_per_grid = 2 / fps``).
         `padding` pads prompts of different lengths on `padding_side` ("left" as the reference);
-        with ``padding=False`` they must be of equal length.
+        with ``padding=False`` they must be of equal length. `audio_per_clip`: each clip's mel
+        features as if it came alone (see `log_mel_features`), not the reference's batch.
         """
         if return_tensors not in ("pt", None):
             raise InputError(f"return_tensors must be 'pt', got {return_tensors!r}")
@@ -398,7 +400,7 @@ class OmniProcessor:
         if audio:
             waves = [a if isinstance(a, np.ndarray) and a.ndim == 1 else load_audio(a, self.mel.sampling_rate)
                      for a in audio]
-            features, mask = log_mel_features(waves, self.mel)
+            features, mask = log_mel_features(waves, self.mel, per_clip=audio_per_clip)
             audio_inputs = {"feature_attention_mask": mask, "input_features": features}
             audio_lengths = [int(n) for n in audio_token_count(mask.sum(-1), self.n_window)]
         image_grids: list[list[int]] = []
@@ -636,6 +638,7 @@ class OmniProcessor:
         add_generation_prompt: bool = True,
         recipe_resize: bool = True,
         padding_side: str = "left",
+        audio_per_clip: bool = False,
     ) -> dict[str, torch.Tensor]:
         """HF-recipe messages -> model inputs: load the media, render the template, process.
 
@@ -649,6 +652,7 @@ class OmniProcessor:
         (``second_per_grid = 2 / sample_fps`` = 1.0 at 2 fps, where the recipe leaves the processor's
         1.0 fps default, i.e. 2.0; set ``use_sampled_fps=False`` on the processor for the recipe's
         value), and `recipe_resize=False` skips qwen-omni-utils' pre-resize of images and frames.
+        `audio_per_clip` computes each audio clip's features alone (a third, opt-in difference).
         """
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
@@ -658,7 +662,7 @@ class OmniProcessor:
         fps = None if self.use_sampled_fps else PROCESSOR_DEFAULT_FPS
         return self(text, images=images or None, audio=audios or None, videos=videos or None,
                     use_audio_in_video=use_audio_in_video, fps=fps, padding=True, padding_side=padding_side,
-                    video_float=recipe_resize)
+                    video_float=recipe_resize, audio_per_clip=audio_per_clip)
 
 
 def _frames_from_images(items: Sequence[Any], part: dict[str, Any], recipe_resize: bool) -> np.ndarray:

@@ -45,6 +45,15 @@ class Metrics:
                                labels, registry=r)
         self._kv_blocks: tuple[Gauge, Gauge] | None = None
 
+    def observe_stream(self, stream, arrival: float) -> None:
+        """Time to first token, mean time per output token and the token count of a finished
+        engine stream (`async_engine.RequestStream`) that arrived at `arrival` (perf_counter)."""
+        if stream.first_token_at is not None:
+            self.ttft.labels(self.model).observe(stream.first_token_at - arrival)
+            if stream.num_tokens > 1:
+                self.tpot.labels(self.model).observe((stream.last_token_at - stream.first_token_at) / (stream.num_tokens - 1))
+        self.generation_tokens.labels(self.model).inc(stream.num_tokens)
+
     def kv_blocks(self) -> tuple[Gauge, Gauge]:
         """Free/total KV block gauges, made only when the engine has a paged cache to report."""
         if self._kv_blocks is None:

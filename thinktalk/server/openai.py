@@ -38,7 +38,7 @@ from .outputs import ParsedToolCall, Pieces, TextPipeline
 from .protocol import (
     TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceLogprobs, ChunkChoice, CompletionTokensDetails, Delta, DeltaAudio, MessageAudio, ModelCard, ModelList,
-    NamedToolChoice, PromptTokensDetails, ResponseFunction, ResponseMessage, ResponseToolCall, SpeechRequest,
+    PromptTokensDetails, ResponseFunction, ResponseMessage, ResponseToolCall, SpeechRequest,
     TokenLogprob, TopLogprob, Usage, bad_request, error_body, new_id, now,
 )
 
@@ -302,21 +302,13 @@ class _Chat:
             reason = "stop" if ch.pipe.stopped else ch.stream.finish_reason
             if ch.pipe.tool_calls:
                 reason = "tool_calls"
-            self._observe(ch.stream)
+            self.st.metrics.observe_stream(ch.stream, self.arrival)
             if self.voice is not None:
                 _observe_speech(self.st, ch.stream, self.arrival)
             ch.finish_reason = reason
             yield _Update(finish_reason=reason)
         finally:
             ch.stream.abort()  # no-op when finished; frees the KV of a request left early
-
-    def _observe(self, s: RequestStream) -> None:
-        m = self.st.metrics
-        if s.first_token_at is not None:
-            m.ttft.labels(m.model).observe(s.first_token_at - self.arrival)
-            if s.num_tokens > 1:
-                m.tpot.labels(m.model).observe((s.last_token_at - s.first_token_at) / (s.num_tokens - 1))
-        m.generation_tokens.labels(m.model).inc(s.num_tokens)
 
     def close(self, release):
         """The idempotent end of a chat: abort what still runs, give the places back, time it."""
@@ -405,22 +397,6 @@ def _sampling(body: ChatCompletionRequest, **overrides):
     return sampling_from(body.preset, **values)
 
 
-def _tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, bool]:
-    """(tools for the chat template, whether to parse tool calls out of the answer)."""
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-    choice = body.tool_choice
-    if choice == "none" or not tools:
-        if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise bad_request("tool_choice needs tools", param="tool_choice")
-        return None, False
-    if isinstance(choice, NamedToolChoice):
-        tools = [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not tools:
-            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                              param="tool_choice")
-    return tools, True
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, st: ServerState = Depends(api)):
     arrival = time.perf_counter()
@@ -440,7 +416,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: Se
             raise bad_request(str(exc), param="audio.voice") from None
         if body.stream and body.audio.format != "pcm16":
             raise bad_request("streamed audio is sent as pcm16: set audio.format to 'pcm16'", param="audio.format")
-    tools, parse_tools = _tools(body)
+    tools = body.template_tools()
     enable_thinking = body.enable_thinking
     if enable_thinking is None and body.chat_template_kwargs is not None:
         enable_thinking = body.chat_template_kwargs.enable_thinking
@@ -457,7 +433,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, st: Se
         choices = []
         for i, r in enumerate(reqs):
             stream = st.engine.add(r, speak=voice is not None, max_frames=st.max_speech_frames)
-            choices.append(_Choice(i, stream, TextPipeline(decode, body.stop or [], parse_tools)))
+            choices.append(_Choice(i, stream, TextPipeline(decode, body.stop or [], tools is not None)))
         st.metrics.prompt_tokens.labels(st.model_name).inc(len(req.prompt_ids))
         chat = _Chat(st, body, chat_id, now(), arrival, voice, choices, len(req.prompt_ids), by_modality)
     except BaseException:

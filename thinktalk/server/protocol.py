@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from ..errors import InputError
+
 AUDIO_OUT_FORMATS = ("wav", "mp3", "flac", "opus", "pcm16")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
@@ -204,6 +206,34 @@ class ChatCompletionRequest(_Lenient):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools the chat template is given (None: none, and no tool calls are parsed).
+
+        tool_choice "auto" (the default with tools) and "none" are what they say. "required" and a
+        named function promise a tool call; vLLM keeps that promise with guided decoding (the
+        answer constrained to the tools' JSON schema). We have no constrained decoding, so rather
+        than pass them off as "auto" they are refused.
+        """
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice
+        forcing = choice == "required" or isinstance(choice, NamedToolChoice)
+        if not tools:
+            if forcing:
+                raise InputError("tool_choice needs tools", param="tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice) and all(t["function"]["name"] != choice.function.name for t in tools):
+            raise InputError(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                             param="tool_choice")
+        if forcing:
+            what = "'required'" if choice == "required" else f"the function {choice.function.name!r}"
+            raise InputError(
+                f"tool_choice {what} is not supported: forcing a tool call needs guided decoding, which this "
+                "server does not have; use 'auto' (the model decides, and the tool calls it writes are returned) "
+                "or 'none'", param="tool_choice")
+        return tools
 
 
 # -- chat: response -------------------------------------------------------------------------------

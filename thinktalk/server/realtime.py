@@ -220,6 +220,7 @@ class RealtimeResponse:
     audio_made: int = 0  # samples the speech source gave
     audio_sent: int = 0  # samples sent to the client
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, found in the engine's prefix cache
     by_modality: dict = field(default_factory=dict)
     output_tokens: int = 0
     first_audio_at: float | None = None
@@ -763,7 +764,8 @@ class RealtimeSession:
         return {"total_tokens": resp.prompt_tokens + resp.output_tokens + frames, "input_tokens": resp.prompt_tokens,
                 "output_tokens": resp.output_tokens + frames,
                 "input_token_details": {"text_tokens": m.get("text", 0), "audio_tokens": m.get("audio", 0),
-                                        "image_tokens": m.get("image", 0) + m.get("video", 0), "cached_tokens": 0},
+                                        "image_tokens": m.get("image", 0) + m.get("video", 0),
+                                        "cached_tokens": resp.cached_tokens},
                 "output_token_details": {"text_tokens": resp.output_tokens, "audio_tokens": frames}}
 
     def _part(self, resp: RealtimeResponse) -> dict:
@@ -786,7 +788,8 @@ class RealtimeSession:
                 raise ProtocolError("there is no user turn to answer: commit audio or create a user item first",
                                     code="no_user_input")
             try:
-                req = await st.run_cpu(omni.make_request, messages, sampling, speaker=speaker)
+                # per-clip audio features: earlier turns' clips stay as they were, so their KV is reused
+                req = await st.run_cpu(omni.make_request, messages, sampling, speaker=speaker, audio_per_clip=True)
             except InputError:
                 raise
             except Exception as exc:  # media the decoders refuse (a corrupt camera frame)
@@ -858,7 +861,8 @@ class RealtimeSession:
                 item.text = resp.text
                 await self.emit(resp, {"type": delta_type, **self._ids(resp), "delta": tail.content})
             resp.output_tokens = stream.num_tokens
-            self._observe(resp, stream)
+            resp.cached_tokens = req.num_cached_tokens or 0
+            st.metrics.observe_stream(stream, resp.created_at)
             text_done.set_result(stream.finish_reason)
             if audio_task is not None:
                 await audio_task
@@ -919,14 +923,6 @@ class RealtimeSession:
         await self.send({"type": "response.done", "response": self._response_dump(resp)})
         m = self.st.metrics
         m.e2e.labels(m.model).observe(time.perf_counter() - resp.created_at)
-
-    def _observe(self, resp: RealtimeResponse, stream) -> None:
-        m = self.st.metrics
-        if stream.first_token_at is not None:
-            m.ttft.labels(m.model).observe(stream.first_token_at - resp.created_at)
-            if stream.num_tokens > 1:
-                m.tpot.labels(m.model).observe((stream.last_token_at - stream.first_token_at) / (stream.num_tokens - 1))
-        m.generation_tokens.labels(m.model).inc(stream.num_tokens)
 
     async def _send_audio(self, resp: RealtimeResponse, req, text_done: asyncio.Future, speech: SpeechSource) -> None:
         pacer = Pacer()

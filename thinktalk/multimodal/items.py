@@ -1,0 +1,84 @@
+"""The media items of one prompt: which placeholder tokens each fills, and a digest of its content.
+
+The paged KV cache keys a block holding placeholder tokens by the items whose tokens fall in it
+(kv_cache.py), so a conversation that is re-sent with one more audio clip or image still finds the
+blocks of its earlier turns: their items are unchanged even though the request's media as a whole
+is not.
+
+Items of one kind (audio, image, video) fill that kind's placeholder tokens in prompt order, each
+as many as its encoder output has (also with `use_audio_in_video`, where a video's audio and frame
+tokens interleave: within each kind the order still holds). A digest covers exactly what the
+encoder reads of the item: an audio clip's unpadded mel frames (so the padding that a longer clip
+in the same request adds does not change it), an image's or video's pixel rows and its grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .audio import audio_token_count
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    kind: str  # "audio" | "image" | "video"
+    token_id: int  # the placeholder id its tokens carry
+    num_tokens: int
+    digest: bytes  # 16 bytes
+
+
+def _digest(kind: str, tensor: torch.Tensor, meta: tuple[int, ...]) -> bytes:
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{kind}{meta}{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.digest()
+
+
+def media_items(inputs: dict[str, Any], thinker_cfg) -> list[MediaItem]:
+    """The items of one prompt's processor outputs (audio, then images, then videos; each kind in
+    prompt order)."""
+    items: list[MediaItem] = []
+    feats, mask = inputs.get("input_features"), inputs.get("feature_attention_mask")
+    if feats is not None:
+        lens = mask.sum(-1).tolist()
+        counts = audio_token_count(torch.tensor(lens), thinker_cfg.audio_config.n_window).tolist()
+        for i, (n_frames, n_tokens) in enumerate(zip(lens, counts)):
+            items.append(MediaItem("audio", thinker_cfg.audio_token_id, int(n_tokens),
+                                   _digest("audio", feats[i, :, : int(n_frames)], (int(n_frames),))))
+    merge = thinker_cfg.vision_config.spatial_merge_size
+    for kind, pixels, grids, token_id in (
+        ("image", inputs.get("pixel_values"), inputs.get("image_grid_thw"), thinker_cfg.image_token_id),
+        ("video", inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"), thinker_cfg.video_token_id),
+    ):
+        if pixels is None:
+            continue
+        row = 0
+        for grid in grids.tolist():
+            rows = int(np.prod(grid))
+            items.append(MediaItem(kind, token_id, rows // merge**2, _digest(kind, pixels[row : row + rows], tuple(grid))))
+            row += rows
+    return items
+
+
+def item_of_token(prompt_ids: list[int], items: list[MediaItem]) -> np.ndarray | None:
+    """For each prompt token, the index (in `items`) of the item whose placeholder it is, else -1.
+
+    None when a kind's placeholder count in the prompt is not the sum of its items' token counts
+    (a prompt not made by our processor): the caller then cannot tell the items apart.
+    """
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    owner = np.full(len(ids), -1, dtype=np.int64)
+    for token_id in {it.token_id for it in items}:
+        index = [i for i, it in enumerate(items) if it.token_id == token_id]
+        where = np.flatnonzero(ids == token_id)
+        counts = [items[i].num_tokens for i in index]
+        if sum(counts) != len(where):
+            return None
+        owner[where] = np.repeat(np.asarray(index, dtype=np.int64), counts)
+    return owner
