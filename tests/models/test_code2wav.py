@@ -325,6 +325,34 @@ def test_stream_exact_batched_and_reusable(models):
     assert stream.push(codes[0, :, :3]) is None  # below the first chunk: nothing yet
 
 
+def test_streams_decoded_together_equal_each_alone(models):
+    """decode_due_together: three single streams, two in lock step (one batched forward) and one
+    started later (decoded on its own), give what each would give alone."""
+    _, ours = models
+    g = torch.Generator().manual_seed(11)
+    codes = [torch.randint(0, TINY["codebook_size"], (TINY["num_quantizers"], 40), generator=g) for _ in range(3)]
+    starts = [0, 0, 3]  # the third joins three frames later
+    alone = []
+    for c in codes:
+        st = Code2WavStream(ours, (4, 8, 16))
+        outs = [st.push(c[:, i : i + 1]) for i in range(c.shape[1])]
+        alone.append(torch.cat([o for o in outs if o is not None] + [st.flush()]))
+    together = [Code2WavStream(ours, (4, 8, 16)) for _ in codes]
+    got: list[list[torch.Tensor]] = [[] for _ in codes]
+    with torch.no_grad():
+        for step in range(43):
+            active = [i for i in range(3) if 0 <= step - starts[i] < codes[i].shape[1]]
+            for i in active:
+                together[i].append(codes[i][:, step - starts[i] : step - starts[i] + 1])
+            for i, pcm in zip(active, Code2WavStream.decode_due_together([together[i] for i in active])):
+                if pcm is not None:
+                    got[i].append(pcm)
+    for i in range(3):
+        wav = torch.cat(got[i] + [together[i].flush()])
+        assert wav.shape == alone[i].shape
+        torch.testing.assert_close(wav, alone[i], rtol=0, atol=STREAM_ATOL[torch.float32])
+
+
 @pytest.mark.parametrize("chunk,ctx", [(300, 25), (16, 5), (20, 24), (1, 3)])
 def test_stream_reference_mode_equals_hf_chunked_decode(models, oneshot, chunk, ctx):
     hf, ours = models

@@ -530,6 +530,15 @@ class Code2WavStream:
 
     @torch.inference_mode()
     def push(self, codes: torch.Tensor) -> torch.Tensor | None:
+        self.append(codes)
+        out = []
+        while self.frames_pending >= self._next_target():
+            out.append(self._decode(self._next_target()))
+        return self._format(torch.cat(out, dim=-1), self._batched) if out else None
+
+    def append(self, codes: torch.Tensor) -> None:
+        """Take new frames without decoding (`push` = append + decode what is due;
+        `decode_due_together` decodes what is due across several streams)."""
         codes = torch.as_tensor(codes)
         batched = codes.dim() == 3
         if not batched:
@@ -545,10 +554,53 @@ class Code2WavStream:
             )
         codes = codes.to(self.model.code_offset.device, torch.long)
         self._codes = codes if self._codes is None else torch.cat([self._codes, codes], dim=-1)
-        out = []
-        while self.frames_pending >= self._next_target():
-            out.append(self._decode(self._next_target()))
-        return self._format(torch.cat(out, dim=-1), batched) if out else None
+
+    @staticmethod
+    @torch.inference_mode()
+    def decode_due_together(streams: list["Code2WavStream"]) -> list[torch.Tensor | None]:
+        """What `push` would return for each of these single (unbatched, exact) streams after an
+        `append`, with streams at the same point (same chunk size, history and position) decoded
+        in one batched forward: many speaking requests started together cost one code2wav call
+        per step, not one each. Streams differ only in their codes, so each gets its own rows."""
+        outs: list[list[torch.Tensor]] = [[] for _ in streams]
+        while True:
+            groups: dict[tuple, list[int]] = {}
+            for i, st in enumerate(streams):
+                n = st._next_target()
+                if st.frames_pending >= n:
+                    hist = 0 if st._hidden is None else st._hidden.shape[1]
+                    groups.setdefault((n, st._kept, st._decoded, hist, st.exact, bool(st._batched)), []).append(i)
+            if not groups:
+                break
+            for (n, _, _, _, exact, batched), members in groups.items():
+                if len(members) == 1 or not exact or batched:
+                    for i in members:
+                        outs[i].append(streams[i]._decode(n))
+                    continue
+                for i, wav in zip(members, Code2WavStream._decode_group([streams[i] for i in members], n)):
+                    outs[i].append(wav)
+        return [Code2WavStream._format(torch.cat(o, dim=-1), bool(st._batched)) if o else None
+                for o, st in zip(outs, streams)]
+
+    @staticmethod
+    def _decode_group(streams: list["Code2WavStream"], n: int) -> list[torch.Tensor]:
+        """`_decode(n)` of streams in the same state, as one batch (their rows stacked)."""
+        first = streams[0]
+        codes, hidden = first._codes, first._hidden
+        first._codes = torch.cat([st._codes for st in streams])
+        first._hidden = None if hidden is None else torch.cat([st._hidden for st in streams])
+        try:
+            wav = first._decode(n)  # advances `first`'s counters and keeps the stacked history
+        except BaseException:
+            first._codes, first._hidden = codes, hidden
+            raise
+        stacked_codes, stacked_hidden = first._codes, first._hidden
+        for i, st in enumerate(streams):
+            st._codes = stacked_codes[i : i + 1]
+            st._hidden = None if stacked_hidden is None else stacked_hidden[i : i + 1]
+            if st is not first:
+                st._kept, st._decoded, st._chunks = first._kept, first._decoded, first._chunks
+        return [wav[i : i + 1] for i in range(len(streams))]
 
     @torch.inference_mode()
     def flush(self) -> torch.Tensor:
