@@ -163,6 +163,9 @@ def test_manual_turn_ga(server, speech):
                 assert name in names, name
             assert "response.audio.delta" not in names  # beta spelling only in the beta dialect
             assert names.index("response.output_audio_transcript.delta") < names.index("response.output_audio_transcript.done")
+            # the speech stage speaks while the thinker writes: audio before the last of the text
+            last_text = max(i for i, name in enumerate(names) if name == "response.output_audio_transcript.delta")
+            assert names.index("response.output_audio.delta") < last_text
             done = log[-1][1].response
             assert done.status in ("completed", "incomplete") and done.usage.input_token_details.audio_tokens > 0
             transcript = "".join(ev.delta for t, ev, _ in log if t == "response.output_audio_transcript.delta")

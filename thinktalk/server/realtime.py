@@ -776,6 +776,11 @@ class RealtimeSession:
     def _ids(self, resp: RealtimeResponse) -> dict:
         return {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0, "content_index": 0}
 
+    def _streams_speech(self) -> bool:
+        """Speak through the engine's streaming speech stage (audio while the thinker writes),
+        unless a SpeechSource was given; without a stage, the reference path after the text."""
+        return self.st.engine.speech is not None and self.speech_override is None
+
     async def _make_request(self, resp: RealtimeResponse, sampling, speaker: str | None):
         """The conversation as one engine request; the oldest turns go when it does not fit."""
         st = self.st
@@ -830,7 +835,7 @@ class RealtimeSession:
                                    "item": item.dump(self.dialect)})
             await self.emit(resp, {"type": "response.content_part.added", **self._ids(resp), "part": self._part(resp)})
             staged = None
-            if p.audio_out and getattr(st.engine, "can_stream_speech", False) and self.speech_override is None:
+            if p.audio_out and self._streams_speech():
                 staged = StageSpeech()
                 stream = st.engine.add(req, speak=True, max_frames=st.max_speech_frames)
             else:
