@@ -33,7 +33,7 @@ from ..request import Request as EngineRequest
 from ..request import sampling_from
 from .app import SAMPLE_RATE, ServerState
 from .async_engine import RequestStream
-from .media import convert_messages, is_media_failure
+from .media import convert_messages, decode_audio, is_media_failure, too_large
 from .outputs import ParsedToolCall, Pieces, TextPipeline
 from .protocol import (
     TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -651,9 +651,13 @@ async def audio_to_text(
         raise bad_request("max_tokens must be >= 1", param="max_tokens")
     _check_max_tokens(st, max_tokens, "max_tokens")
     lang = asr.language_name(language)
+    limits = st.media.limits
+    if file.size is not None and file.size > limits.max_bytes:
+        raise too_large("the uploaded file", f"{limits.max_bytes} bytes", "file")
     audio = await file.read()
     if not audio:
         raise bad_request("the uploaded file is empty", param="file")
+    audio = await st.run_cpu(decode_audio, audio, limits, "file")
     omni = st.omni
     messages: list[dict] = [{"role": "system", "content": prompt}] if prompt else []
     messages.append({"role": "user", "content": [
