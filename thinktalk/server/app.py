@@ -444,9 +444,39 @@ def create_app(opts: ServeOptions) -> FastAPI:
     app.include_router(routes.router)
     from .realtime import router as realtime_router  # /v1/realtime and the /voice page
     app.include_router(realtime_router)
+    app.openapi = lambda: _openapi(app)
     app.add_middleware(_BodyLimit, limit=int(opts.max_request_mb * MB))
     app.add_middleware(_RequestCounter, state=state)
     return app
+
+
+_ERROR_SCHEMA = {
+    "title": "ErrorResponse", "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with the errors this server really sends: 400 in OpenAI's shape where
+    FastAPI documents its own 422 validation error."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "Invalid request", "content": {"application/json": {"schema": ref}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components["ErrorResponse"] = _ERROR_SCHEMA
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _version() -> str:
