@@ -85,8 +85,8 @@ class Status(Enum):
 _ids = itertools.count()
 
 
-@dataclass
-class Request:
+@dataclass(eq=False)  # a request is itself, not its fields: two users may send the same prompt, and
+class Request:        # comparing fields would compare tensors (the scheduler's list.remove did)
     """One conversation turn: a rendered, tokenized prompt and what to do with it."""
 
     prompt_ids: list[int]

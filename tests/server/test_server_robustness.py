@@ -314,6 +314,22 @@ def test_streams_dropped_after_the_first_chunk_free_everything(server):
     assert "Traceback" not in server.log()
 
 
+def test_the_same_prompt_twice_at_once(server):
+    # Two clients, the same prompt (and image): the later one finishes while the first still runs.
+    # The engine once told requests apart by comparing their fields, tensors included, and died.
+    messages = user(image(GOOD_PNG))
+    with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions",
+                         json={"model": "tiny", "messages": messages, "max_tokens": 300, "stream": True}) as first:
+            lines = first.iter_lines()
+            assert first.status_code == 200 and next(line for line in lines if line.startswith("data: {"))
+            second = http.post(server.url + "/v1/chat/completions",
+                               json={"model": "tiny", "messages": messages, "max_tokens": 2})
+            assert second.status_code == 200, second.text
+            assert server.health().json()["status"] == "ready"
+    wait_idle(server)
+
+
 def test_fifty_concurrent_requests_are_served_or_429(server):
     wait_idle(server)
     go = threading.Barrier(50)
