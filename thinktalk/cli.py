@@ -215,6 +215,11 @@ def serve(
     allow_remote_media: bool = typer.Option(False, "--allow-remote-media", help="fetch http(s) media URLs"),
     allowed_local_media_path: Optional[Path] = typer.Option(
         None, help="serve file:// and path media only from under this folder"),
+    max_request_mb: float = typer.Option(128.0, min=0.001, help="largest request body (base64 media included); more: 413"),
+    max_media_mb: float = typer.Option(64.0, min=0.001, help="largest media item (an image, audio, video), decoded"),
+    max_image_pixels: int = typer.Option(50_000_000, min=1, help="largest image or video frame (width x height), "
+                                         "checked from its header before decoding"),
+    max_media_seconds: float = typer.Option(3600.0, min=0.1, help="longest audio or video input, in seconds"),
     max_speech_seconds: Optional[float] = typer.Option(
         None, min=0.1, help="longest spoken answer, in seconds (default: the talker's own limit)"),
     dtype: Optional[str] = DTypeOpt,
@@ -253,7 +258,8 @@ def serve(
         model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
         device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
-        max_speech_s=max_speech_seconds, random_weights=random_weights, dtype=dtype, quantization=quantization,
+        max_request_mb=max_request_mb, max_media_mb=max_media_mb, max_image_pixels=max_image_pixels,
+        max_media_seconds=max_media_seconds, max_speech_s=max_speech_seconds, random_weights=random_weights, dtype=dtype, quantization=quantization,
         kv_backend=kv_backend, max_model_len=max_model_len,
     )
     raise typer.Exit(run_server(opts))

@@ -19,3 +19,7 @@ class MediaError(InputError):
 
 class ContextLengthError(InputError):
     """The prompt (plus requested output) does not fit the model's context."""
+
+
+class MediaTooLargeError(MediaError):
+    """A media input is beyond a configured limit (bytes, pixels, seconds)."""

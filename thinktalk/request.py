@@ -11,6 +11,10 @@ import torch
 
 from .errors import InputError
 
+GREEDY_BELOW_TEMPERATURE = 1e-5  # (vLLM's threshold too)
+# a penalty beyond these scales logits past float32's range (NaN probabilities); no use needs them
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
 # The presets of the Qwen3-Omni user guide. top_k 0 means "off".
 PRESETS: dict[str, dict[str, Any]] = {
     "creative": dict(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, max_new_tokens=1024),
@@ -38,7 +42,8 @@ class SamplingParams:
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("repetition_penalty", MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
@@ -51,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # a temperature this small is argmax anyway, and dividing by it overflows float32
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 def sampling_from(preset: str | None = None, **overrides: Any) -> SamplingParams:
@@ -79,8 +85,8 @@ class Status(Enum):
 _ids = itertools.count()
 
 
-@dataclass
-class Request:
+@dataclass(eq=False)  # a request is itself, not its fields: two users may send the same prompt, and
+class Request:        # comparing fields would compare tensors (the scheduler's list.remove did)
     """One conversation turn: a rendered, tokenized prompt and what to do with it."""
 
     prompt_ids: list[int]

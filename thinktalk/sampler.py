@@ -7,6 +7,8 @@ presence and frequency penalties are applied first, over the generated tokens on
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .request import SamplingParams
@@ -56,11 +58,26 @@ def sample_one(
     """Returns the chosen token and the log-probabilities it was drawn from (after penalties)."""
     logits = apply_penalties(logits.float(), sp, prompt_ids, output_ids)
     if sp.greedy:
-        return int(torch.argmax(logits)), torch.log_softmax(logits, -1)
-    filtered = filter_logits(logits, sp.temperature, sp.top_k, sp.top_p)
-    probs = filtered.softmax(-1)
-    token = torch.multinomial(probs, 1, generator=generator)
-    return int(token), torch.log_softmax(logits, -1)
+        return int(torch.argmax(_no_nan(logits))), torch.log_softmax(logits, -1)
+    probs = filter_logits(logits, sp.temperature, sp.top_k, sp.top_p).softmax(-1)
+    return int(draw(logits, probs, generator)), torch.log_softmax(logits, -1)
+
+
+def draw(logits: torch.Tensor, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [V] or [B, V] (multinomial).
+
+    A row that is no distribution (NaN or inf logits, from an overflow upstream) would make
+    multinomial raise, on CUDA as a device-side assert that ends every request in the process:
+    such a row draws its most likely token (from `logits`) instead, decided on the device (no sync).
+    """
+    broken = ~torch.isfinite(probs).all(-1, keepdim=True) | (probs.sum(-1, keepdim=True) <= 0)
+    best = torch.nn.functional.one_hot(torch.argmax(_no_nan(logits), -1), probs.shape[-1]).to(probs.dtype)
+    token = torch.multinomial(torch.where(broken, best, probs), 1, generator=generator)
+    return token[..., 0]
+
+
+def _no_nan(logits: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(logits, nan=float("-inf"))
 
 
 def needs_own_pass(sp: SamplingParams, generator: torch.Generator | None) -> bool:
@@ -100,12 +117,12 @@ def sample_batch(logits: torch.Tensor, requests: list) -> list[tuple[int, torch.
     rows, picked = [], []
     if greedy:
         sub = logits if len(greedy) == logits.shape[0] else logits[torch.tensor(greedy, device=logits.device)]
-        picked.append(sub.argmax(-1))
+        picked.append(_no_nan(sub).argmax(-1))
         rows += greedy
     for (temperature, top_k, top_p), members in groups.items():
         sub = logits[torch.tensor(members, device=logits.device)]
         probs = filter_logits(sub, temperature, top_k, top_p).softmax(-1)
-        picked.append(torch.multinomial(probs, 1)[:, 0])
+        picked.append(draw(sub, probs))
         rows += members
     if picked:
         for i, token in zip(rows, torch.cat(picked).tolist()):
@@ -115,8 +132,13 @@ def sample_batch(logits: torch.Tensor, requests: list) -> list[tuple[int, torch.
 
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:
     """The chosen token's log-probability and the k most likely alternatives."""
-    entry = {"token": token, "logprob": float(logprobs[token]), "top": []}
+    entry = {"token": token, "logprob": _finite(float(logprobs[token])), "top": []}
     if k:
-        values, ids = torch.topk(logprobs, k)
-        entry["top"] = [(int(i), float(v)) for i, v in zip(ids, values)]
+        values, ids = torch.topk(_no_nan(logprobs), k)
+        entry["top"] = [(int(i), _finite(float(v))) for i, v in zip(ids, values)]
     return entry
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no NaN or infinity: an impossible token gets OpenAI's floor, -9999."""
+    return logprob if math.isfinite(logprob) else -9999.0

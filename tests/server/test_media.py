@@ -2,7 +2,9 @@
 
 import asyncio
 import base64
+import io
 import os
+import wave
 
 import numpy as np
 import pytest
@@ -20,24 +22,33 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_parts_become_bytes_never_strings():
+def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(np.arange(int(seconds * rate)) / 7) * 9000).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def test_parts_become_bytes_or_arrays_never_strings():
+    wav = wav_bytes(0.5)
     out = convert([
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [
             {"type": "text", "text": "look"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(b"PNGDATA")}},
-            {"type": "input_audio", "input_audio": {"data": b64(b"RIFFxxxx"), "format": "wav"}},
+            {"type": "input_audio", "input_audio": {"data": b64(wav), "format": "wav"}},
             {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + b64(b"MP4")}},
-            {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64(b"WAV")}},
+            {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + b64(wav)}},
         ]},
     ])
     assert out[0] == {"role": "system", "content": "be brief"}
     parts = out[1]["content"]
     assert parts[0] == {"type": "text", "text": "look"}
-    assert parts[1] == {"type": "image", "image": b"PNGDATA"}
-    assert parts[2] == {"type": "audio", "audio": b"RIFFxxxx"}
+    assert parts[1] == {"type": "image", "image": b"PNGDATA"}  # (what it is, the processor finds out)
     assert parts[3] == {"type": "video", "video": b"MP4"}
-    assert parts[4] == {"type": "audio", "audio": b"WAV"}
+    for audio in (parts[2], parts[4]):  # audio is decoded here, counting its length: 16 kHz float32
+        assert audio["type"] == "audio" and audio["audio"].dtype == np.float32 and len(audio["audio"]) == 8000
 
 
 def test_pcm16_input_is_resampled_to_16k():

@@ -93,7 +93,7 @@ def test_no_talker_refuses_speech(demo_server):
 
 def test_full_queue_is_429_then_recovers(demo_server):
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
-    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 3000, "stream": True}
+    body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 480, "stream": True}  # (context: 512)
     started = threading.Barrier(3)
     results = []
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import ASSETS
-from ..errors import InputError, MediaError
+from ..errors import InputError, MediaError, MediaTooLargeError
 from .media import MediaBlob, av_error_types, describe, open_av, resolve_source
 
 # The reference processor's `audio_kwargs` default (`n_window`); the thinker config's
@@ -80,9 +80,13 @@ def _frame_to_float(frame: Any) -> np.ndarray:
     raise MediaError(f"unsupported PyAV sample format {fmt.name!r}")
 
 
-def decode_audio_stream(blob: MediaBlob, kind: str = "audio") -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of a file/bytes to mono float32 at its native rate."""
+def decode_audio_stream(blob: MediaBlob, kind: str = "audio", max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a file/bytes to mono float32 at its native rate.
+
+    `max_seconds`: refuse audio longer than this, counted while decoding (a small file of
+    low-bitrate audio can decode to gigabytes of samples, whatever its header says)."""
     errors = av_error_types()
+    decoded = 0
     with open_av(blob, kind) as container:
         if not container.streams.audio:
             what = "video without an audio track" if container.streams.video else "no audio stream"
@@ -98,6 +102,9 @@ def decode_audio_stream(blob: MediaBlob, kind: str = "audio") -> tuple[np.ndarra
                     rate = int(frame.sample_rate)
                 elif int(frame.sample_rate) != rate:
                     raise MediaError(f"{blob.label}: the sample rate changes mid-stream ({rate} -> {frame.sample_rate} Hz)")
+                decoded += frame.samples
+                if max_seconds is not None and decoded > max_seconds * rate:
+                    raise MediaTooLargeError(f"{blob.label}: audio is longer than the limit of {max_seconds:g} s")
                 data = _frame_to_float(frame)
                 # librosa.to_mono: the mean over channels
                 chunks.append(data[0] if data.shape[0] == 1 else np.mean(data, axis=0, dtype=np.float32))

@@ -269,7 +269,7 @@ class OmniProcessor:
         return self.token_id(self.video_token)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        return self.tokenizer.encode(_valid_unicode(text), add_special_tokens=True).ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str | list[str]:
         """Token ids (list / numpy / tensor) -> text; a 2-D input gives a list of texts."""
@@ -460,6 +460,7 @@ class OmniProcessor:
         return rates
 
     def _tokenize(self, texts: list[str], padding: bool | str, padding_side: str) -> dict[str, torch.Tensor]:
+        texts = [_valid_unicode(t) for t in texts]
         rows = [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         longest = max(len(r) for r in rows)
         if padding in (False, "do_not_pad") and any(len(r) != longest for r in rows):
@@ -728,3 +729,12 @@ def _is_image_like(item: Any) -> bool:
     except ImportError:  # pragma: no cover
         return isinstance(item, (np.ndarray, torch.Tensor))
     return isinstance(item, (Image.Image, np.ndarray, torch.Tensor))
+
+
+def _valid_unicode(text: str) -> str:
+    """The tokenizer takes only text that is valid Unicode; JSON can carry lone surrogates ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return text

@@ -30,10 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ContextLengthError, InputError, MediaError
+from ..errors import ContextLengthError, InputError, MediaError, MediaTooLargeError
 from ..monitoring import register_system_metrics
 from .async_engine import AsyncEngine, EngineDead
-from .media import MediaPolicy
+from .media import MB, MediaLimits, media_policy
 from .metrics import Metrics
 from .protocol import APIError, error_body
 
@@ -58,6 +58,10 @@ class ServeOptions:
     max_num_seqs: int = 16
     allow_remote_media: bool = False
     allowed_local_media_path: Path | None = None
+    max_request_mb: float = 128.0  # a request body (base64 media included)
+    max_media_mb: float = 64.0  # one media item, decoded
+    max_image_pixels: int = 50_000_000  # one image or video frame
+    max_media_seconds: float = 3600.0  # one audio or video
     drain_timeout_s: float = 30.0
     max_speech_s: float | None = None  # cap on one spoken answer (None: the talker's own limit)
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
@@ -88,9 +92,11 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.metrics = Metrics(self.model_name)
         register_system_metrics(self.metrics.registry)  # GPU (NVML) and process gauges, read at scrape time
-        self.media = MediaPolicy(
-            allow_remote=opts.allow_remote_media,
+        self.media = media_policy(
             local_root=Path(opts.allowed_local_media_path).resolve() if opts.allowed_local_media_path else None,
+            allow_remote=opts.allow_remote_media,
+            limits=MediaLimits(max_bytes=int(opts.max_media_mb * MB), max_image_pixels=opts.max_image_pixels,
+                               max_seconds=opts.max_media_seconds),
         )
         self.api_keys = [k for k in opts.api_keys if k]
         self.inflight = 0
@@ -311,6 +317,44 @@ class _RequestCounter:
                 self.state.metrics.count(endpoint, status["code"])
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` while a body streams in past the limit; an HTTPException so that
+    FastAPI's body parsing passes it on as it is (and the error handler answers 413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the server's limit ({limit} bytes)")
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: a request body larger than `limit` bytes is a 413, refused from its
+    Content-Length before it is read, or as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            exc = BodyTooLarge(self.limit)
+            response = _json_error(413, error_body(exc.detail, "invalid_request_error", None, "request_too_large"),
+                                   {"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
 def _json_error(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -340,6 +384,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
         code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else (
+            "media_too_large" if isinstance(exc, MediaTooLargeError) else
             "invalid_media" if isinstance(exc, MediaError) else None)
         return _json_error(400, error_body(str(exc), "invalid_request_error", exc.param, code))
 
@@ -365,7 +410,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return _json_error(exc.status_code, error_body(message, kind), getattr(exc, "headers", None))
+        code = "request_too_large" if isinstance(exc, BodyTooLarge) else None
+        return _json_error(exc.status_code, error_body(message, kind, None, code), getattr(exc, "headers", None))
 
     @app.exception_handler(EngineDead)
     async def _engine_dead(request: Request, exc: EngineDead):
@@ -398,8 +444,39 @@ def create_app(opts: ServeOptions) -> FastAPI:
     app.include_router(routes.router)
     from .realtime import router as realtime_router  # /v1/realtime and the /voice page
     app.include_router(realtime_router)
+    app.openapi = lambda: _openapi(app)
+    app.add_middleware(_BodyLimit, limit=int(opts.max_request_mb * MB))
     app.add_middleware(_RequestCounter, state=state)
     return app
+
+
+_ERROR_SCHEMA = {
+    "title": "ErrorResponse", "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with the errors this server really sends: 400 in OpenAI's shape where
+    FastAPI documents its own 422 validation error."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {"description": "Invalid request", "content": {"application/json": {"schema": ref}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components["ErrorResponse"] = _ERROR_SCHEMA
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _version() -> str:

@@ -33,7 +33,7 @@ from ..request import Request as EngineRequest
 from ..request import sampling_from
 from .app import SAMPLE_RATE, ServerState
 from .async_engine import RequestStream
-from .media import convert_messages, is_media_failure
+from .media import convert_messages, decode_audio, is_media_failure, too_large
 from .outputs import ParsedToolCall, Pieces, TextPipeline
 from .protocol import (
     TRANSCRIPT_FORMATS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -397,12 +397,21 @@ def _sampling(body: ChatCompletionRequest, **overrides):
     return sampling_from(body.preset, **values)
 
 
+def _check_max_tokens(st: ServerState, value: int | None, param: str) -> None:
+    """A limit the context can never hold is a mistake to report, not to clamp silently."""
+    limit = st.omni.engine.max_model_len
+    if value is not None and value > limit:
+        raise bad_request(f"{param}={value} is more than the model's context ({limit} tokens)", param=param)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, st: ServerState = Depends(api)):
     arrival = time.perf_counter()
     st.check_model(body.model)
     omni = st.omni
     sampling = _sampling(body)
+    _check_max_tokens(st, body.max_completion_tokens or body.max_tokens,
+                      "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     voice = None
     if body.modalities and "audio" in body.modalities:
         if not omni.can_speak:
@@ -640,10 +649,15 @@ async def audio_to_text(
         raise bad_request("temperature must be in [0, 2]", param="temperature")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request("max_tokens must be >= 1", param="max_tokens")
+    _check_max_tokens(st, max_tokens, "max_tokens")
     lang = asr.language_name(language)
+    limits = st.media.limits
+    if file.size is not None and file.size > limits.max_bytes:
+        raise too_large("the uploaded file", f"{limits.max_bytes} bytes", "file")
     audio = await file.read()
     if not audio:
         raise bad_request("the uploaded file is empty", param="file")
+    audio = await st.run_cpu(decode_audio, audio, limits, "file")
     omni = st.omni
     messages: list[dict] = [{"role": "system", "content": prompt}] if prompt else []
     messages.append({"role": "user", "content": [
