@@ -63,8 +63,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+MAX_SPEECH_SLOTS = 64  # the talker's KV slots never exceed this by default (2.5 GiB at full size)
+
+
 class Omni:
-    def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None):
+    def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None, *,
+                 speech_slots: int | None = None):
+        """speech_slots: requests the speech stage speaks at once (each holds a preallocated talker
+        KV slot: 40 MiB at 2,048 tokens for the full model; more wait for a place). Default: the
+        engine's max_num_seqs, at most MAX_SPEECH_SLOTS, so a single-user setup (max_num_seqs 1)
+        holds one slot and a server as many as it decodes thinker requests together."""
         from .multimodal.processor import OmniProcessor  # noqa: F401  (type of `processor`)
 
         self.model = model
@@ -77,6 +85,9 @@ class Omni:
         eos = [self.cfg.get("im_end_token_id", 151645)]
         self.tokenizer_eos = eos
         self.engine = Engine(model, eos, engine_config, capture_layer=capture)
+        if speech_slots is not None and speech_slots < 1:
+            raise ValueError(f"speech_slots must be at least 1, got {speech_slots}")
+        self.speech_slots = speech_slots or min(self.engine.config.max_num_seqs, MAX_SPEECH_SLOTS)
         self.device = next(model.parameters()).device
         self._speech_stage = None  # made on first use (speech_stage)
         if self.random_weights:
@@ -93,11 +104,13 @@ class Omni:
         engine_config: EngineConfig | None = None,
         progress: bool = True,
         quantization=None,
+        speech_slots: int | None = None,
     ) -> "Omni":
         """Load a checkpoint folder; without one, the demo model (made on first use).
 
         dtype: torch dtype or "bfloat16" / "float16" / "float32"; quantization: None, "fp8",
-        "int8", "int4" or a weights.quant.QuantConfig (pre-quantized checkpoints need none).
+        "int8", "int4" or a weights.quant.QuantConfig (pre-quantized checkpoints need none);
+        speech_slots: see Omni.__init__.
         """
         from .multimodal.processor import OmniProcessor
         from .weights.loader import load_model
@@ -109,7 +122,7 @@ class Omni:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         net = load_model(path, device=device, dtype=dtype, with_talker=talker, progress=progress, quantization=quantization)
-        return cls(net, OmniProcessor.from_pretrained(path), path, engine_config)
+        return cls(net, OmniProcessor.from_pretrained(path), path, engine_config, speech_slots=speech_slots)
 
     @property
     def can_speak(self) -> bool:
@@ -217,7 +230,8 @@ class Omni:
         if self._speech_stage is None:
             from .speech_stage import SpeechStage
 
-            self._speech_stage = SpeechStage(self.model, self.cfg, sorted(self.engine.eos_token_ids))
+            self._speech_stage = SpeechStage(self.model, self.cfg, sorted(self.engine.eos_token_ids),
+                                             max_active=self.speech_slots)
         return self._speech_stage
 
     def _collect_speech(self, stage, req: Request) -> tuple[torch.Tensor, np.ndarray]:
