@@ -217,6 +217,7 @@ def quantize_model_(
     include: Iterable[str] | None = None,
     progress: bool = False,
     prefix: str = "",
+    names: Iterable[str] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place (module by module, so the extra memory is one module's worth).
 
@@ -224,11 +225,16 @@ def quantize_model_(
     include: the part groups quantized besides the decoders (None: all of PART_GROUPS).
     prefix: the name of `model` inside the whole OmniModel when quantizing a part of it (e.g.
     "thinker.model.layers.3."), so the policy sees full names.
+    names: only these of the modules the policy covers (names relative to `model`; e.g. the parts
+    already materialized while the rest is still on the meta device).
     """
     qcfg = method if isinstance(method, QuantConfig) else QuantConfig(
         method, group_size, sym, fp8_block, act_quant, PART_GROUPS if include is None else tuple(include)
     )
     dense, moes = quantized_module_names(model, qcfg, prefix)
+    if names is not None:
+        wanted = set(names)
+        dense, moes = [n for n in dense if n in wanted], [n for n in moes if n in wanted]
     from tqdm import tqdm
 
     for name in tqdm(dense + moes, desc=f"quantizing ({qcfg.method})", disable=not progress):
