@@ -84,11 +84,14 @@ class Omni:
         capture = talker_cfg.accept_hidden_layer if model.has_talker else None
         eos = [self.cfg.get("im_end_token_id", 151645)]
         self.tokenizer_eos = eos
-        self.engine = Engine(model, eos, engine_config, capture_layer=capture)
         if speech_slots is not None and speech_slots < 1:
             raise ValueError(f"speech_slots must be at least 1, got {speech_slots}")
-        self.speech_slots = speech_slots or min(self.engine.config.max_num_seqs, MAX_SPEECH_SLOTS)
+        config = engine_config or EngineConfig()
+        self.speech_slots = speech_slots or min(config.max_num_seqs, MAX_SPEECH_SLOTS)
         self.device = next(model.parameters()).device
+        if model.has_talker:
+            config = reserve_for_speech(config, self.cfg, self.speech_slots, self.device)
+        self.engine = Engine(model, eos, config, capture_layer=capture)
         self._speech_stage = None  # made on first use (speech_stage)
         if self.random_weights:
             log.warning("%s (%s)", RANDOM_WEIGHTS_NOTICE, path)
@@ -380,6 +383,35 @@ class Omni:
             return codes, np.zeros(0, dtype=np.float32)
         wav = self.model.code2wav.chunked_decode(codes[None])
         return codes, wav.flatten().float().cpu().numpy()
+
+
+SPEECH_WORKING_SET = 0.25 * 2**30  # code2wav's largest streaming window + graphs (benchmarks/quant_memory_plan.py)
+
+
+def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device, total_memory: int | None = None) -> EngineConfig:
+    """The engine config with room kept for the speech stage when the KV pool is sized from the
+    memory budget (CUDA, paged, no num_kv_blocks): the pool is planned when the engine starts, before
+    the stage allocates its talker KV slots and runs code2wav, so on a small card (24 GB) the
+    budget would otherwise go to the thinker's KV and speech would not fit. The share
+    gpu_memory_utilization gives up: (slots x talker KV at 2,048 tokens + SPEECH_WORKING_SET) / total."""
+    from dataclasses import replace
+
+    device = torch.device(device)
+    paged = config.kv_backend == "paged" or (config.kv_backend == "auto" and device.type == "cuda")
+    if device.type != "cuda" or not paged or config.num_kv_blocks:
+        return config
+    from .speech_graphs import SlotTalker
+
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    dtype = torch.bfloat16  # the talker's KV dtype on a GPU; fp32 would double it (never used there)
+    reserve = SlotTalker.kv_bytes(cfg.talker_config, slots, 2048, dtype) + SPEECH_WORKING_SET
+    share = config.gpu_memory_utilization - reserve / total_memory
+    if share <= 0:
+        raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the speech stage "
+                         f"({reserve / 2**30:.2f} GiB for {slots} talker slots); lower speech_slots or max_num_seqs")
+    log.info("KV budget: %.3f of GPU memory (%.2f GiB kept for %d talker slots and code2wav)", share, reserve / 2**30, slots)
+    return replace(config, gpu_memory_utilization=share)
 
 
 def request_from_inputs(
