@@ -450,6 +450,13 @@ def bench_exchange(model, args) -> dict:
     return out
 
 
+def reference_logits_only(cfg, args, prompt: torch.Tensor) -> None:
+    """Build the bf16 model, write its logits to --ref-logits, nothing else (for a run without bf16)."""
+    model, _ = build_variant(cfg, "bf16", DEVICE, args.seed, prompt[: args.error_tokens], args)
+    _, logits = compare_logits(model, prompt, None)
+    torch.save(logits, args.ref_logits)
+
+
 def run_variant(cfg, variant: str, args, prompt: torch.Tensor) -> dict:
     model, res = build_variant(cfg, variant, DEVICE, args.seed, prompt[: args.error_tokens], args)
     parts = weight_bytes(model)
@@ -542,7 +549,8 @@ def main():
     ap.add_argument("--skip-exchange", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ref-logits", type=Path, default=None,
-                    help="bf16 logits file (default: next to --out); the bf16 variant writes it, the others read it")
+                    help="bf16 logits file: the bf16 variant writes it, the others read it (default: a temporary "
+                         "file; without bf16 among the variants and no such file, a bf16 build makes it first)")
     ap.add_argument("--merge", action="store_true", help="add the variants to those already in --out")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant in this process
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -553,10 +561,7 @@ def main():
     DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     if DEVICE == "cpu" and not args.tiny:
         raise SystemExit("bench_quant needs a CUDA GPU (or --tiny for a CPU dry run)")
-    if args.ref_logits is None:
-        args.ref_logits = args.out.with_name(args.out.stem + ".bf16_logits.pt")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.ref_logits.parent.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         from thinktalk.config import config_from_dict
         from thinktalk.weights.tiny_config import tiny_config_dict
@@ -566,6 +571,9 @@ def main():
         cfg = reference_config()
     g = torch.Generator().manual_seed(1234)
     prompt = torch.randint(1000, 100000, (args.logit_tokens,), generator=g)
+    if args.child == "bf16-logits":
+        reference_logits_only(cfg, args, prompt)
+        return
     if args.child is not None:
         res = run_variant(cfg, args.child, args, prompt)
         args.child_out.write_text(json.dumps(res, indent=2) + "\n")
@@ -609,11 +617,19 @@ def main():
     t_all = time.perf_counter()
     child_argv = [a for a in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.ref_logits is None:
+            args.ref_logits = Path(tmp) / "bf16_logits.pt"
+        if "bf16" not in args.variants and not args.ref_logits.is_file():
+            args.variants = ["bf16-logits"] + args.variants
         for variant in args.variants:
             child_out = Path(tmp) / f"{variant}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv, "--child", variant,
                    "--child-out", str(child_out), "--ref-logits", str(args.ref_logits)]
             r = subprocess.run(cmd, env=os.environ.copy())
+            if variant == "bf16-logits":
+                if r.returncode != 0:
+                    raise SystemExit("the bf16 reference logits could not be made")
+                continue
             if r.returncode != 0 or not child_out.is_file():
                 result["variants"][variant] = {"error": f"exit status {r.returncode}"}
             else:
