@@ -213,8 +213,9 @@ def main():
         parts = weights_of(cfg, None if spec == "bf16" else spec)
         out["weights_gib"][spec] = {"total": sum(parts.values()) / GIB, **{k: v / GIB for k, v in sorted(parts.items())}}
         print(f"weights {spec:14s} {sum(parts.values()) / GIB:7.3f} GiB", flush=True)
-    # default stream + thinker decode graph + talker decode graph + predictor graph captures
-    held = held_bytes(cfg, prompt_len, args.answer_tokens, streams_captured=4)
+    # default stream + a side stream per capture: thinker decode graph, talker decode graph, code
+    # predictor greedy and sampled graphs (SpeechStage.warmup)
+    held = held_bytes(cfg, prompt_len, args.answer_tokens, streams_captured=5)
     out["held_gib"] = {k: v / GIB for k, v in held.items()}
     if args.skip_transients:
         args.out.parent.mkdir(parents=True, exist_ok=True)
