@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import weakref
@@ -129,9 +128,7 @@ def audio_encoder_peak(cfg, seconds: float) -> int:
     mask = feats["feature_attention_mask"][0].bool()
     x = feats["input_features"][0][:, mask].float()
     enc = _randomize_(AudioEncoder(cfg.thinker_config.audio_config).eval())
-    peak = peak_of(lambda: enc(x, torch.tensor([x.shape[1]])))
-    del enc
-    return peak // 2
+    return peak_of(lambda: enc(x, torch.tensor([x.shape[1]]))) // 2
 
 
 def thinker_layer_peak(cfg, tokens: int) -> int:
@@ -153,12 +150,10 @@ def thinker_layer_peak(cfg, tokens: int) -> int:
         cos, sin = rotary(pos)
         return layer(x, cos, sin, ContiguousKV([SequenceKV()], [tokens]))
 
-    peak = peak_of(step)
-    del layer
-    return peak // 2
+    return peak_of(step) // 2
 
 
-def code2wav_window_peak(cfg, chunk: int) -> int:
+def code2wav_window_peak(cfg, chunk: int) -> tuple[int, int]:
     from thinktalk.models.code2wav import Code2Wav
 
     m = _randomize_(Code2Wav(cfg.code2wav_config).eval())
@@ -170,10 +165,8 @@ def code2wav_window_peak(cfg, chunk: int) -> int:
         hist = torch.zeros(1, conv_ctx, h.shape[-1])
         return m.wav_from_hidden(torch.cat([hist, h], dim=1))
 
-    peak = peak_of(window)
     full = peak_of(lambda: m(codes[..., :325]))  # the old path: chunked_decode's 25 + 300 frames
-    del m
-    return peak // 2, full // 2
+    return peak_of(window) // 2, full // 2
 
 
 # -- the plan -----------------------------------------------------------------------------------------
