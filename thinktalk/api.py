@@ -63,8 +63,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+MAX_SPEECH_SLOTS = 64  # the talker's KV slots never exceed this by default (2.5 GiB at full size)
+
+
 class Omni:
-    def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None):
+    def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None, *,
+                 speech_slots: int | None = None):
+        """speech_slots: requests the speech stage speaks at once (each holds a preallocated talker
+        KV slot: 40 MiB at 2,048 tokens for the full model; more wait for a place). Default: the
+        engine's max_num_seqs, at most MAX_SPEECH_SLOTS, so a single-user setup (max_num_seqs 1)
+        holds one slot and a server as many as it decodes thinker requests together."""
         from .multimodal.processor import OmniProcessor  # noqa: F401  (type of `processor`)
 
         self.model = model
@@ -76,8 +84,14 @@ class Omni:
         capture = talker_cfg.accept_hidden_layer if model.has_talker else None
         eos = [self.cfg.get("im_end_token_id", 151645)]
         self.tokenizer_eos = eos
-        self.engine = Engine(model, eos, engine_config, capture_layer=capture)
+        if speech_slots is not None and speech_slots < 1:
+            raise ValueError(f"speech_slots must be at least 1, got {speech_slots}")
+        config = engine_config or EngineConfig()
+        self.speech_slots = speech_slots or min(config.max_num_seqs, MAX_SPEECH_SLOTS)
         self.device = next(model.parameters()).device
+        if model.has_talker:
+            config = reserve_for_speech(config, self.cfg, self.speech_slots, self.device)
+        self.engine = Engine(model, eos, config, capture_layer=capture)
         self._speech_stage = None  # made on first use (speech_stage)
         if self.random_weights:
             log.warning("%s (%s)", RANDOM_WEIGHTS_NOTICE, path)
@@ -93,11 +107,13 @@ class Omni:
         engine_config: EngineConfig | None = None,
         progress: bool = True,
         quantization=None,
+        speech_slots: int | None = None,
     ) -> "Omni":
         """Load a checkpoint folder; without one, the demo model (made on first use).
 
         dtype: torch dtype or "bfloat16" / "float16" / "float32"; quantization: None, "fp8",
-        "int8", "int4" or a weights.quant.QuantConfig (pre-quantized checkpoints need none).
+        "int8", "int4" or a weights.quant.QuantConfig (pre-quantized checkpoints need none);
+        speech_slots: see Omni.__init__.
         """
         from .multimodal.processor import OmniProcessor
         from .weights.loader import load_model
@@ -109,7 +125,7 @@ class Omni:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         net = load_model(path, device=device, dtype=dtype, with_talker=talker, progress=progress, quantization=quantization)
-        return cls(net, OmniProcessor.from_pretrained(path), path, engine_config)
+        return cls(net, OmniProcessor.from_pretrained(path), path, engine_config, speech_slots=speech_slots)
 
     @property
     def can_speak(self) -> bool:
@@ -217,7 +233,8 @@ class Omni:
         if self._speech_stage is None:
             from .speech_stage import SpeechStage
 
-            self._speech_stage = SpeechStage(self.model, self.cfg, sorted(self.engine.eos_token_ids))
+            self._speech_stage = SpeechStage(self.model, self.cfg, sorted(self.engine.eos_token_ids),
+                                             max_active=self.speech_slots)
         return self._speech_stage
 
     def _collect_speech(self, stage, req: Request) -> tuple[torch.Tensor, np.ndarray]:
@@ -366,6 +383,35 @@ class Omni:
             return codes, np.zeros(0, dtype=np.float32)
         wav = self.model.code2wav.chunked_decode(codes[None])
         return codes, wav.flatten().float().cpu().numpy()
+
+
+SPEECH_WORKING_SET = 0.25 * 2**30  # code2wav's largest streaming window + graphs (benchmarks/quant_memory_plan.py)
+
+
+def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device, total_memory: int | None = None) -> EngineConfig:
+    """The engine config with room kept for the speech stage when the KV pool is sized from the
+    memory budget (CUDA, paged, no num_kv_blocks): the pool is planned when the engine starts, before
+    the stage allocates its talker KV slots and runs code2wav, so on a small card (24 GB) the
+    budget would otherwise go to the thinker's KV and speech would not fit. The share
+    gpu_memory_utilization gives up: (slots x talker KV at 2,048 tokens + SPEECH_WORKING_SET) / total."""
+    from dataclasses import replace
+
+    device = torch.device(device)
+    paged = config.kv_backend == "paged" or (config.kv_backend == "auto" and device.type == "cuda")
+    if device.type != "cuda" or not paged or config.num_kv_blocks:
+        return config
+    from .speech_graphs import SlotTalker
+
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    dtype = torch.bfloat16  # the talker's KV dtype on a GPU; fp32 would double it (never used there)
+    reserve = SlotTalker.kv_bytes(cfg.talker_config, slots, 2048, dtype) + SPEECH_WORKING_SET
+    share = config.gpu_memory_utilization - reserve / total_memory
+    if share <= 0:
+        raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the speech stage "
+                         f"({reserve / 2**30:.2f} GiB for {slots} talker slots); lower speech_slots or max_num_seqs")
+    log.info("KV budget: %.3f of GPU memory (%.2f GiB kept for %d talker slots and code2wav)", share, reserve / 2**30, slots)
+    return replace(config, gpu_memory_utilization=share)
 
 
 def request_from_inputs(

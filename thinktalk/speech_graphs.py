@@ -7,6 +7,9 @@
   that do not decode this step compute a throw-away row: their key/value lands at their current
   length, the position their next real token overwrites, and their outputs are not read.
   Capacity grows by doubling when a request outgrows it (graphs are then captured again).
+  Memory: `kv_bytes` = 2 x layers x slots x kv_heads x capacity x head_dim x 2 bytes, 40 MiB per
+  slot at 2,048 tokens for the full talker; the slot count is the stage's max_active (Omni sizes
+  it to the engine's max_num_seqs), so a single-user setup holds one slot, not 64 (2.5 GiB).
 * `GraphPredictor` runs a frame's 15 code-predictor steps (`speech_stage.predict_frame_static`)
   as one CUDA graph per bucket and sampling mode (greedy / with noise), or eagerly (graphs=False,
   which is how the CPU tests exercise the graph body).
@@ -30,6 +33,10 @@ from .speech_stage import ResidualPick, StaticFrameKV, predict_frame_static, pre
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def _head_dim(cfg) -> int:
+    return cfg.get("head_dim") or cfg.hidden_size // cfg.num_attention_heads
 
 
 def bucket_for(n: int, buckets=BUCKETS) -> int | None:
@@ -101,11 +108,13 @@ class SlotTalker:
     """Talker backend with static slot KV (see module docstring)."""
 
     def __init__(self, talker, num_slots: int = 64, capacity: int = 2048, *, graphs: bool = True):
+        if num_slots < 1 or capacity < 1:
+            raise ValueError(f"SlotTalker needs at least one slot and one token, got {num_slots} x {capacity}")
         self.talker = talker
         text = talker.cfg.text_config
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
-        self.head_dim = text.get("head_dim") or text.hidden_size // text.num_attention_heads
+        self.head_dim = _head_dim(text)
         self.hidden_size = text.hidden_size
         self.device = talker.codec_head.weight.device
         self.dtype = talker.codec_head.weight.dtype
@@ -114,6 +123,8 @@ class SlotTalker:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._grow(capacity)
+        log.info("talker KV: %d slots x %d tokens (%.0f MiB)", num_slots, capacity,
+                 self.kv_bytes(talker.cfg, num_slots, capacity, self.dtype) / 2**20)
         self.lengths = [0] * num_slots
         self.free = list(range(num_slots))  # kept sorted: the lowest slot first keeps buckets small
         self.graphs_on = graphs and self.device.type == "cuda"
@@ -126,6 +137,13 @@ class SlotTalker:
             else:
                 use_triton_kernels(talker, moe=True, layers=True)
         self._graphs: dict[int, dict] = {}
+
+    @staticmethod
+    def kv_bytes(talker_cfg, num_slots: int, capacity: int, dtype: torch.dtype) -> int:
+        """Bytes of the slot KV for `num_slots` slots of `capacity` tokens (talker_config given)."""
+        text = talker_cfg.text_config
+        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * _head_dim(text)
+        return per_token * num_slots * capacity * torch.empty((), dtype=dtype).element_size()
 
     # -- slots ------------------------------------------------------------------------------------
     def open(self, job) -> bool:

@@ -1,6 +1,7 @@
 """benchmarks/bench_quant.py runs end to end (tiny config, CPU dry run), so the GPU run the
-integrator starts does not die on an API that moved: every variant builds layer by layer, is
-measured per layer, speaks one exchange and decodes."""
+integrator starts does not die on an API that moved: every variant (its own process) builds
+layer by layer, is measured per layer and per quantized part, speaks one exchange with its KV
+sized for it, and decodes."""
 
 import json
 import os
@@ -26,5 +27,15 @@ def test_bench_quant_dry_run(tmp_path):
     int4 = res["variants"]["int4"]
     assert int4["weights_gib"] < res["variants"]["bf16"]["weights_gib"]
     assert len(int4["layer_errors"]["per_layer"]["thinker.model"]) == 4
-    assert int4["exchange"]["codec_frames"] > 0 and int4["decode_3"]["tok_s"] > 0
+    ex = int4["exchange"]
+    assert ex["codec_frames"] == 12 and ex["answer_tokens"] == 6 and 0 < ex["first_audio_s"] < ex["seconds"]
+    assert ex["sizing"]["max_num_seqs"] == 1 and ex["sizing"]["speech_slots"] == 1
+    assert ex["sizing"]["kv_tokens"] >= ex["prompt_tokens"] + ex["answer_tokens"]
+    assert int4["decode_3"]["tok_s"] > 0
     assert 0 <= int4["logits"]["top1_agreement"] <= 1
+    # the parts outside the decoders were quantized and measured (int8 encoders/heads/embeddings)
+    parts = int4["part_errors"]
+    assert set(parts["summary"]) == {"encoders (int8)", "heads (int8)", "embeddings (int8)"}
+    assert all(0 < e["max"] < 0.03 for e in parts["summary"].values())
+    assert 0 < parts["audio_encoder_output"] < 0.05 and parts["lm_head_logits"]["top1_agreement"] > 0.9
+    assert res["variants"]["fp8"]["part_errors"]["summary"]["encoders (fp8)"]["max"] < 0.1

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from thinktalk.kernels.quant_format import FP8_DTYPE
 from thinktalk.kernels.quant_gemm import use_backend
-from thinktalk.layers.quant_linear import QuantExperts, QuantLinear, QuantWeight
+from thinktalk.layers.quant_linear import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight
 from thinktalk.weights.community_formats import QuantFormatError
 from thinktalk.weights.loader import CheckpointError, load_model
 from thinktalk.weights.quant import quantize_checkpoint
@@ -70,12 +70,22 @@ def test_quantize_save_load_round_trip(tiny_instruct, tmp_path, method, kw, spec
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.json").is_file()
     # bf16 as on the GPU: the checkpoint stores int scales in its dtype (bf16), so loading it equals
     # quantizing on load with bf16 scales (an fp32 model keeps fp32 scales on load, a finer grid)
+    # the checkpoint holds the decoder stacks quantized (one community scheme); as stored it equals
+    # quantizing the decoders only on load
     pre = load_model(out, progress=False, dtype=torch.bfloat16)  # pre-quantized, nothing else asked for
-    on_load = load_model(tiny_instruct, progress=False, dtype=torch.bfloat16, quantization=spec)
+    on_load = load_model(tiny_instruct, progress=False, dtype=torch.bfloat16, quantization=spec + "-decoders")
     _assert_same(pre, on_load)
     assert isinstance(pre.thinker.model.layers[0].self_attn.q_proj, QuantLinear)
     assert isinstance(pre.talker.model.layers[0].mlp.experts, QuantExperts)
     assert not isinstance(pre.thinker.lm_head, QuantLinear)
+    # with --quantization as well, the parts it left in bf16 (encoders, heads, embeddings) are
+    # quantized on load: the same model as quantizing a bf16 checkpoint on load
+    pre_full = load_model(out, progress=False, dtype=torch.bfloat16, quantization=spec)
+    full = load_model(tiny_instruct, progress=False, dtype=torch.bfloat16, quantization=spec)
+    _assert_same(pre_full, full)
+    assert isinstance(pre_full.thinker.lm_head, QuantLinear) and isinstance(pre_full.thinker.model.embed_tokens, QuantEmbedding)
+    assert pre_full.thinker.audio_tower.layers[0].fc1.weight.fmt.method == ("fp8" if method == "fp8" else "int8")
+    del pre_full, full
     text_only = load_model(out, progress=False, dtype=torch.bfloat16, with_talker=False)  # talker tensors skipped
     assert text_only.talker is None and isinstance(text_only.thinker.model.layers[0].mlp.experts, QuantExperts)
     src_bytes = sum(t.numel() * t.element_size() for t in _all_tensors(tiny_instruct).values())

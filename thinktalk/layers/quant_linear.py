@@ -2,6 +2,9 @@
 
     QuantWeight   a quantized [.., N, K] weight: buffers qweight / scale / zero + its QFormat
     QuantLinear   drop-in for nn.Linear (weight = QuantWeight, optional bias in the compute dtype)
+    QuantEmbedding  drop-in for nn.Embedding: the table is a QuantWeight [V, D] with one scale row
+                  per token row (int formats); a lookup gathers the rows' codes and scales and
+                  dequantizes only those
     QuantExperts  drop-in for layers.moe.Experts: gate_up_proj / down_proj are QuantWeights;
                   `quant_experts_fn` (installed as the owning SparseMoE's experts_fn) runs them
 
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quant_format import QFormat, dequantize, quantize
+from ..kernels.quant_format import QFormat, dequantize, quantize, unpack_int4
 from ..kernels import quant_gemm as qg
 
 
@@ -175,6 +178,57 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def dequantize_rows(w: "QuantWeight", ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` ([..] int) of a 2-D QuantWeight with one scale row per weight row, in its compute
+    dtype: equal to w.dequantize()[ids] bit for bit, without dequantizing the table.
+
+    Int codes are computed in the compute dtype with the scales broadcast per group (no float32
+    [T, K] copies, which a long prompt would feel): code - zero is an integer below 256, exact in
+    bf16/fp16/fp32, so its product with the stored scale is rounded once, as in float32.
+    """
+    fmt, k = w.fmt, w.in_features
+    if fmt.block_n != 1:
+        raise ValueError(f"row lookups need one scale row per table row, not blocks of {fmt.block_n}")
+    flat = ids.reshape(-1)
+    q = w.qweight.index_select(0, flat)
+    s = w.scale.index_select(0, flat)
+    z = None if w.zero is None else w.zero.index_select(0, flat)
+    if not fmt.is_int or k % fmt.block_k or s.dtype != w.compute_dtype:
+        return dequantize(q, s, z, fmt, k, w.compute_dtype).reshape(*ids.shape, k)
+    dt = w.compute_dtype
+    codes = unpack_int4(q, k) if fmt.method == "int4" else q
+    groups = codes.view(flat.shape[0], k // fmt.block_k, fmt.block_k).to(dt)
+    zero = z.to(dt)[..., None] if z is not None else float(fmt.implicit_zero)
+    return ((groups - zero) * s[..., None]).reshape(*ids.shape, k)
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding with a quantized table (lookups only: no padding_idx, no max_norm)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QFormat, compute_dtype: torch.dtype, device=None):
+        super().__init__()
+        if fmt.block_n != 1:
+            raise ValueError("a quantized embedding table needs per-row scales (int formats or per-channel fp8)")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = QuantWeight((num_embeddings, embedding_dim), fmt, compute_dtype, device, act_quant=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, emb: nn.Embedding, fmt: QFormat) -> "QuantEmbedding":
+        if emb.padding_idx is not None or emb.max_norm is not None:
+            raise ValueError("embeddings with padding_idx or max_norm are not quantized")
+        w = emb.weight
+        q = cls(emb.num_embeddings, emb.embedding_dim, fmt, w.dtype, w.device)
+        q.weight.fill_(w.data)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.weight, ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 def quant_experts_fn(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act=F.silu) -> torch.Tensor:

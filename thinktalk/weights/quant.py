@@ -6,15 +6,24 @@
     quantize_checkpoint(src, dst, "int4")                       write a pre-quantized checkpoint
                                                                 (`thinktalk quantize`)
 
-What is quantized (QUANTIZED_MODULES): the linear layers of the three decoder stacks — thinker
-LM, talker LM and code predictor: q/k/v/o projections, routed experts, the talker's shared
-expert and the code predictor's dense MLP. That is 97% of the weights (the thinker's experts
-alone are 29 of 35 B). Kept in the compute dtype: embeddings, lm_head / codec_head / the code
-predictor's heads, MoE routers and the shared-expert gate, norms, the talker's text/hidden
-projections, the audio and vision encoders and code2wav (1.1 B + 0.5 B + 0.2 B: cheap to keep,
-and their errors would reach every token). `include=("encoders",)` also quantizes the encoders'
-linear layers with the same method, `encoder_method="int8"` with another one (spec "int4-encint8":
-int4 decoders, int8 encoders, 1.1 GiB less than int4 alone) when memory is that tight.
+What is quantized. Always: the linear layers of the three decoder stacks (QUANTIZED_MODULES) —
+thinker LM, talker LM and code predictor: q/k/v/o projections, routed experts, the talker's
+shared expert and the code predictor's dense MLP, 97% of the weights (the thinker's experts alone
+are 29 of 35 B), with the chosen method. By default also the cheap parts (PART_GROUPS), each with
+a method whose error stays small:
+
+    encoders     audio and vision encoder linears: int8 under int4/int8, fp8 (W8A8) under fp8
+                 (the spec suffix -encint4 / -encint8 / -encfp8 picks another)
+    heads        thinker lm_head, talker codec_head, the code predictor's 15 heads: int8
+    embeddings   thinker embed_tokens, talker and code-predictor codec embeddings: int8, one
+                 scale per 128 columns of a row (layers.quant_linear.QuantEmbedding dequantizes
+                 only the rows a lookup gathers)
+
+Together 3.5 GiB of bf16 -> 1.8 GiB on the full model. The spec suffix -decoders keeps them all in
+the compute dtype (decoders only), -noencoders / -noheads / -noembeddings one group. Always kept
+in the compute dtype: MoE routers and the shared-expert gate, norms, the talker's text/hidden
+projections, the encoders' convolutions (patch embedding, audio conv stack) and position tables,
+and code2wav (0.4 GiB, mostly convolutions).
 
 Loading quantized (bf16 checkpoint + quantization, or a pre-quantized checkpoint): the model is
 built with its parameters on the meta device (buffers such as RoPE tables are real), the modules
@@ -43,7 +52,7 @@ import torch
 from torch import nn
 
 from ..kernels.quant_format import METHODS, QFormat, quantize, resolve_format
-from ..layers.quant_linear import QuantExperts, QuantLinear, QuantWeight, install_quant_experts
+from ..layers.quant_linear import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, install_quant_experts
 from .community_formats import (
     CheckpointFormat, QuantFormatError, Scheme, detect, quantization_config, write_tensors,
 )
@@ -62,10 +71,21 @@ LINEAR_RE = re.compile(
 )
 EXPERTS_RE = re.compile(_DECODERS + r"mlp\.experts$")
 ENCODERS_RE = re.compile(r"^thinker\.(audio_tower|visual)\.")
+HEADS_RE = re.compile(r"^(thinker\.lm_head|talker\.codec_head|talker\.code_predictor\.lm_head\.\d+)$")
+EMBEDDINGS_RE = re.compile(
+    r"^(thinker\.model\.embed_tokens|talker\.model\.codec_embedding|talker\.code_predictor\.model\.codec_embedding\.\d+)$"
+)
 QUANTIZED_MODULES = (
     "thinker/talker/code-predictor decoder layers: self_attn.{q,k,v,o}_proj, mlp.experts (routed), "
     "mlp.shared_expert.*, dense mlp.{gate,up,down}_proj"
 )
+PART_GROUPS = ("encoders", "heads", "embeddings")  # quantized by default besides the decoders
+SMALL_PART_METHOD = "int8"  # heads and embeddings, whatever the decoders get
+
+
+def default_encoder_method(method: str) -> str:
+    """int8 weight-only under int4/int8 (int4 encoders: see the README's error table), fp8 under fp8."""
+    return "fp8" if method == "fp8" else "int8"
 
 
 @dataclass(frozen=True)
@@ -75,27 +95,31 @@ class QuantConfig:
     sym: bool = True
     fp8_block: int | None = None  # fp8: None per output channel, 128 for 128x128 blocks
     act_quant: bool = True  # fp8: dynamic per-token activation quantization (W8A8) where supported
-    include: tuple[str, ...] = ()  # extra module groups: "encoders"
-    encoder_method: str | None = None  # quantize the encoders too, with this method (default: method)
+    include: tuple[str, ...] = PART_GROUPS  # groups quantized besides the decoder stacks
+    encoder_method: str | None = None  # None: default_encoder_method(method)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.method == "fp8" and not self.sym:
             raise ValueError("fp8 is symmetric; --asym applies to int4/int8")
-        bad = set(self.include) - {"encoders"}
+        object.__setattr__(self, "include", tuple(self.include))
+        bad = set(self.include) - set(PART_GROUPS)
         if bad:
-            raise ValueError(f"unknown module group(s) {sorted(bad)}; known: encoders")
+            raise ValueError(f"unknown module group(s) {sorted(bad)}; known: {', '.join(PART_GROUPS)}")
         if self.encoder_method is not None and self.encoder_method not in METHODS:
             raise ValueError(f"unknown encoder quantization {self.encoder_method!r}")
 
     @classmethod
     def parse(cls, spec: "str | QuantConfig | None") -> "QuantConfig | None":
-        """None | QuantConfig | 'int4' | 'int8' | 'fp8' (suffixes: '-asym', '-g64', '-block128')."""
+        """None | QuantConfig | 'int4' | 'int8' | 'fp8', with suffixes: '-asym', '-g64', '-channel',
+        '-block128' (fp8), '-encint8' / '-encfp8' / '-encint4' (encoder method), '-decoders' (only
+        the decoder stacks), '-noencoders' / '-noheads' / '-noembeddings' (keep one group)."""
         if spec is None or isinstance(spec, QuantConfig):
             return spec
         parts = str(spec).lower().split("-")
         kw: dict = {}
+        include = list(PART_GROUPS)
         for p in parts[1:]:
             if p == "asym":
                 kw["sym"] = False
@@ -105,17 +129,34 @@ class QuantConfig:
                 kw["group_size"] = None
             elif p.startswith("block"):
                 kw["fp8_block"] = int(p[5:] or 128)
-            elif p.startswith("enc"):  # enc (same method) or encint8 / encfp8 / encint4
-                kw["include"] = ("encoders",)
-                if p[3:]:
-                    kw["encoder_method"] = p[3:]
+            elif p == "decoders":
+                include = []
+            elif p.startswith("no") and p[2:] in PART_GROUPS:
+                include = [g for g in include if g != p[2:]]
+            elif p.startswith("enc"):  # enc (the decoders' method) or encint8 / encfp8 / encint4
+                kw["encoder_method"] = p[3:] or parts[0]
+                if "encoders" not in include:
+                    include.append("encoders")
             else:
                 raise ValueError(f"unknown quantization option {p!r} in {spec!r}")
-        return cls(parts[0], **kw)
+        return cls(parts[0], include=tuple(g for g in PART_GROUPS if g in include), **kw)
+
+    def group_of(self, name: str) -> str | None:
+        """The part group a module name belongs to (None: decoder stacks or nothing)."""
+        if ENCODERS_RE.match(name):
+            return "encoders"
+        if HEADS_RE.match(name):
+            return "heads"
+        if EMBEDDINGS_RE.match(name):
+            return "embeddings"
+        return None
 
     def method_for(self, name: str = "") -> str:
-        if self.encoder_method and ENCODERS_RE.match(name):
-            return self.encoder_method
+        group = self.group_of(name)
+        if group == "encoders":
+            return self.encoder_method or default_encoder_method(self.method)
+        if group in ("heads", "embeddings"):
+            return SMALL_PART_METHOD
         return self.method
 
     def fmt(self, k: int, name: str = "") -> QFormat:
@@ -128,11 +169,16 @@ class QuantConfig:
         return Scheme(method, self.group_size, self.sym or method == "fp8", block, False, self.act_quant)
 
     def covers_linear(self, name: str) -> bool:
-        encoders = "encoders" in self.include or self.encoder_method is not None
-        return bool(LINEAR_RE.match(name)) or (encoders and bool(ENCODERS_RE.match(name)))
+        if LINEAR_RE.match(name):
+            return True
+        group = self.group_of(name)
+        return group in ("encoders", "heads") and group in self.include
 
     def covers_experts(self, name: str) -> bool:
         return bool(EXPERTS_RE.match(name))
+
+    def covers_embedding(self, name: str) -> bool:
+        return "embeddings" in self.include and bool(EMBEDDINGS_RE.match(name))
 
 
 # -- in-place quantization of a built model ----------------------------------------------------
@@ -142,19 +188,21 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantized_module_names(model: nn.Module, qcfg: QuantConfig, prefix: str = "") -> tuple[list[str], list[str]]:
-    """(linear module names, SparseMoE module names) the policy quantizes in `model`.
+    """(linear and embedding module names, SparseMoE module names) the policy quantizes in `model`.
 
     prefix: `model`'s own name in the whole model (e.g. "thinker.model.layers.3." for one layer).
     """
     from ..layers.moe import Experts
 
-    linears, moes = [], []
+    dense, moes = [], []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and qcfg.covers_linear(prefix + name):
-            linears.append(name)
+            dense.append(name)
+        elif isinstance(mod, nn.Embedding) and qcfg.covers_embedding(prefix + name):
+            dense.append(name)
         elif isinstance(mod, Experts) and qcfg.covers_experts(prefix + name):
             moes.append(name.rpartition(".")[0])
-    return linears, moes
+    return dense, moes
 
 
 @torch.no_grad()
@@ -166,27 +214,36 @@ def quantize_model_(
     *,
     fp8_block: int | None = None,
     act_quant: bool = True,
-    include: Iterable[str] = (),
+    include: Iterable[str] | None = None,
     progress: bool = False,
     prefix: str = "",
+    names: Iterable[str] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place (module by module, so the extra memory is one module's worth).
 
     method: "int4" | "int8" | "fp8" or a QuantConfig (then the other arguments are ignored).
+    include: the part groups quantized besides the decoders (None: all of PART_GROUPS).
     prefix: the name of `model` inside the whole OmniModel when quantizing a part of it (e.g.
     "thinker.model.layers.3."), so the policy sees full names.
+    names: only these of the modules the policy covers (names relative to `model`; e.g. the parts
+    already materialized while the rest is still on the meta device).
     """
     qcfg = method if isinstance(method, QuantConfig) else QuantConfig(
-        method, group_size, sym, fp8_block, act_quant, tuple(include)
+        method, group_size, sym, fp8_block, act_quant, PART_GROUPS if include is None else tuple(include)
     )
-    linears, moes = quantized_module_names(model, qcfg, prefix)
+    dense, moes = quantized_module_names(model, qcfg, prefix)
+    if names is not None:
+        wanted = set(names)
+        dense, moes = [n for n in dense if n in wanted], [n for n in moes if n in wanted]
     from tqdm import tqdm
 
-    for name in tqdm(linears + moes, desc=f"quantizing ({qcfg.method})", disable=not progress):
+    for name in tqdm(dense + moes, desc=f"quantizing ({qcfg.method})", disable=not progress):
         mod = model.get_submodule(name) if name else model
         if isinstance(mod, nn.Linear):
             q = QuantLinear.from_linear(mod, qcfg.fmt(mod.in_features, prefix + name), act_quant=qcfg.act_quant)
             _set_module(model, name, q)
+        elif isinstance(mod, nn.Embedding):
+            _set_module(model, name, QuantEmbedding.from_embedding(mod, qcfg.fmt(mod.embedding_dim, prefix + name)))
         else:
             ex = mod.experts
             _, two_i, hidden = ex.gate_up_proj.shape
@@ -288,6 +345,13 @@ class QuantLoadHook:
                 q = QuantLinear(mod.in_features, mod.out_features, mod.bias is not None, fmt, self.dtype, self.device, act)
                 _set_module(model, name, q)
                 self.slots[name] = _Slot(name, {"": q.weight}, source)
+            elif isinstance(mod, nn.Embedding):
+                if self.qcfg is None or not self.qcfg.covers_embedding(name):
+                    continue
+                q = QuantEmbedding(mod.num_embeddings, mod.embedding_dim, self.qcfg.fmt(mod.embedding_dim, name),
+                                   self.dtype, self.device)
+                _set_module(model, name, q)
+                self.slots[name] = _Slot(name, {"": q.weight}, None)
             elif isinstance(mod, Experts):
                 scheme, source = self._scheme_for(name, from_ckpt, linear=False)
                 if scheme is None:
@@ -456,13 +520,17 @@ def load_hook(folder, cfg, files: list[Path], quantization, device, dtype) -> Qu
 
 # -- writing pre-quantized checkpoints -----------------------------------------------------------
 def _covered(key: str, qcfg: QuantConfig) -> bool:
+    """Whether a checkpoint tensor is written quantized: decoder linears and experts, and the
+    linears of included groups whose method is the checkpoint's one (a community checkpoint has a
+    single scheme; embeddings have no community format). The rest is quantized on load when
+    --quantization is given with the checkpoint."""
     m = re.match(r"^(?P<module>.+)\.weight$", key)
     if m is None:
         return False
     t = to_ours(key)
     if t.expert is not None:
         return qcfg.covers_experts(t.name.rpartition(".")[0])
-    return qcfg.covers_linear(m["module"])
+    return qcfg.covers_linear(m["module"]) and qcfg.method_for(m["module"]) == qcfg.method
 
 
 @torch.no_grad()
@@ -482,7 +550,10 @@ def quantize_checkpoint(
     """Write a pre-quantized copy of the bf16 checkpoint `src` to `dst`, one shard at a time.
 
     Quantized modules are written in the community format (see community_formats); everything
-    else, and the non-weight files (tokenizer, processor, templates), is copied.
+    else, and the non-weight files (tokenizer, processor, templates), is copied. With method given
+    by name, the decoder stacks are quantized, plus the encoders with the same method when
+    include has "encoders"; with a QuantConfig, its linears whose method is its own (see
+    _covered). Loading the result with --quantization as well quantizes the parts left in bf16.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -491,11 +562,14 @@ def quantize_checkpoint(
     from ..config import load_config
     from .loader import shard_files
 
-    qcfg = method if isinstance(method, QuantConfig) else QuantConfig(method, group_size, sym, fp8_block, True, tuple(include))
+    if isinstance(method, QuantConfig):
+        qcfg = method
+    else:
+        include = tuple(include)
+        qcfg = QuantConfig(method, group_size, sym, fp8_block, True, include,
+                           encoder_method=method if "encoders" in include else None)
     src, dst = Path(src), Path(dst)
     cfg = load_config(src)
-    if qcfg.encoder_method and qcfg.encoder_method != qcfg.method:
-        raise ValueError("a pre-quantized checkpoint has one method; quantize the encoders on load instead")
     if "quantization_config" in cfg:
         raise QuantFormatError(f"{src} is already quantized ({cfg.quantization_config.get('quant_method')}); start from bf16")
     if dst.exists() and any(dst.iterdir()):
@@ -569,9 +643,15 @@ def describe(model: nn.Module) -> str:
     if c:
         bits.append(f"checkpoint: {c}")
     if q:
-        bits.append(f"on load: {q.method}" + (f" g{q.group_size}" if q.method != "fp8" and q.group_size else "")
-                    + ("" if q.sym else " asym")
-                    + (f", encoders {q.encoder_method or q.method}" if q.covers_linear("thinker.visual.") else ""))
+        line = (f"on load: {q.method}" + (f" g{q.group_size}" if q.method != "fp8" and q.group_size else "")
+                + ("" if q.sym else " asym"))
+        if "encoders" in q.include:
+            line += f", encoders {q.encoder_method or default_encoder_method(q.method)}"
+        small = [g for g in ("heads", "embeddings") if g in q.include]
+        if small:
+            line += f", {' + '.join(small)} {SMALL_PART_METHOD}"
+        kept = [g for g in PART_GROUPS if g not in q.include]
+        if kept:
+            line += f"; {', '.join(kept)} not quantized"
+        bits.append(line)
     return ", ".join(bits)
-
-
