@@ -358,12 +358,33 @@ def bench_decode(model, args) -> dict:
     run_engine(engine, [text_request(32, 4, seed=i) for i in range(args.streams)])  # and for many
     one = run_engine(engine, [text_request(128, args.decode_len)])
     many = run_engine(engine, [text_request(128, args.decode_len_many, seed=i) for i in range(args.streams)])
-    cfg, graphed = engine.config, engine.decode_graphs is not None
+    profile = profile_decode(engine) if args.profile and DEVICE != "cpu" else None
+    cfg, graphed = engine.config, engine.decode_graphs is not None and engine.decode_graphs.use_graphs
     del engine
     _mem.free()
     return {"decode_1": one, f"decode_{args.streams}": many,
             "decode_engine": {"kv_backend": cfg.kv_backend, "num_kv_blocks": blocks, "max_num_seqs": args.streams,
-                              "cuda_graphs": graphed, "moe_kernel": cfg.moe_kernel}}
+                              "cuda_graphs": graphed, "moe_kernel": cfg.moe_kernel},
+            **({"decode_1_profile": profile} if profile else {})}
+
+
+def profile_decode(engine: Engine) -> dict:
+    """Where one stream's decode step goes: GPU time per step and the top kernels (torch profiler)."""
+    req = text_request(64, 40, seed=99)
+    engine.add_request(req)
+    for _ in range(8):
+        engine.step()
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+        sync()
+    engine.abort(req.request_id)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in rows)
+    return {"gpu_ms_per_step": total / 5 / 1000,
+            "top_kernels": [{"name": e.key[:80], "us_per_step": e.self_device_time_total / 5, "calls_per_step": e.count / 5}
+                            for e in rows[:12]]}
 
 
 def spoken_question(audio_seconds: float) -> list[dict]:
@@ -547,6 +568,7 @@ def main():
     ap.add_argument("--error-tokens", type=int, default=256, help="prompt tokens for the per-layer errors")
     ap.add_argument("--logit-tokens", type=int, default=512, help="prompt tokens for the logits comparison")
     ap.add_argument("--skip-exchange", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one stream's decode step (GPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ref-logits", type=Path, default=None,
                     help="bf16 logits file: the bf16 variant writes it, the others read it (default: a temporary "
