@@ -1120,7 +1120,7 @@ async def realtime(ws: WebSocket):
         if ws.application_state == WebSocketState.CONNECTED:
             try:
                 await ws.close()
-            except (RuntimeError, OSError):
+            except (RuntimeError, OSError, WebSocketDisconnect):  # the client left first: nothing to close
                 pass
 
 
