@@ -198,6 +198,8 @@ async def run_level(url: str, speech: bytes, args, c: int) -> dict:
         "speech_end_to_first_audio": stats([t["first_audio"] - t["speech_end"] for t in turns]),
         "commit_to_first_text": stats([t["first_text"] - t["committed"] for t in turns if "first_text" in t]),
         "commit_to_done": stats([t["done"] - t["committed"] for t in turns]),
+        # each turn in order (session, turn): which turns are slow, not just how slow
+        "per_turn_commit_to_first_audio_s": [round(t["first_audio"] - t["committed"], 4) for t in turns],
         "statuses": sorted({t.get("status", "?") for t in turns}),
         "answer_audio_s": stats([t.get("audio_s", 0.0) for t in turns]),
         "prompt_tokens_last_turn": max((t.get("input_tokens") or 0 for t in turns), default=0),
