@@ -94,9 +94,18 @@ if triton is not None:
         """
         mask = k_ok[:, None] & n_ok[None, :]
         if INT4:
-            byte = tl.load(q_ptr + offs_n[None, :] * stride_qn + (offs_k[:, None] // 2) * stride_qk, mask=mask, other=0)
-            shift = ((offs_k[:, None] % 2) * 4).to(tl.uint8)
-            q = ((byte >> shift) & 0xF).to(tl.float32)
+            # Load each packed byte once ([BLOCK_K / 2, BLOCK_N], contiguous along K, so the loads
+            # vectorise), split it into its two nibbles (low = even k) and interleave them back
+            # into [BLOCK_K, BLOCK_N]. Indexing the bytes as k // 2 instead made every lane load
+            # its own byte (10-20x slower on an H200, benchmarks/results/quant_h200*.json).
+            HALF: tl.constexpr = offs_k.shape[0] // 2
+            pair = tl.arange(0, HALF)
+            byte_ok = tl.max(tl.reshape(k_ok.to(tl.int32), (HALF, 2)), axis=1) > 0
+            byte = tl.load(q_ptr + offs_n[None, :] * stride_qn + (k0 // 2 + pair)[:, None] * stride_qk,
+                           mask=byte_ok[:, None] & n_ok[None, :], other=0)
+            lo = (byte & 0xF).to(tl.float32)
+            hi = ((byte >> 4) & 0xF).to(tl.float32)
+            q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (offs_k.shape[0], offs_n.shape[0]))
         else:  # fp8 weights arrive as raw bytes (uint8 view): masked lanes read 0 = +0.0
             q = tl.load(q_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk, mask=mask, other=0)
             if IS_FP8:
