@@ -116,6 +116,8 @@ class Engine:
             self.max_model_len = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
         self.decode_graphs = self._make_decode_graphs()
+        if on_cuda and (self.config.moe_kernel == "triton" or self.config.layer_kernels == "triton"):
+            self.warm_up_kernels()
         self._mm_embeds: dict[str, tuple] = {}  # full-prompt embeddings of multimodal requests in prefill
 
     @property
@@ -297,6 +299,24 @@ class Engine:
         graphs = DecodeGraphs(self.thinker, self.pool, cfg.max_graph_batch or cfg.max_num_seqs, self.max_model_len, capture)
         graphs.capture_all()
         return graphs
+
+    # Prefill lengths that reach every fused-MoE tile config (kernels/fused_moe._pick_config) with
+    # both of Triton's integer specialisations (multiple of 16 or not)
+    WARMUP_PREFILL_LENS = (1, 2, 5, 16, 40, 64, 100, 160, 300, 512, 1000, 2048)
+
+    @torch.inference_mode()
+    def warm_up_kernels(self, lengths=WARMUP_PREFILL_LENS) -> None:
+        """Compile the Triton kernels a prefill of each length needs now, not on a live request:
+        a new tile config or specialisation costs ~1 s of JIT the first time it runs (a realtime
+        turn whose prompt outgrew the earlier ones paid seconds)."""
+        for n in lengths:
+            n = min(n, self.max_model_len)
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            positions = torch.arange(n, device=self.device)[None].expand(3, -1)
+            hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
+            self.thinker.logits(hidden[-1:])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _profile_prefill(self) -> None:

@@ -143,3 +143,19 @@ def test_all_triton_kernels_with_static_decode(model):
         for m in model.modules():  # the engine set the kernels on these instances
             for name in ("experts_fn", "topk_fn", "kernel", "add_kernel", "qk_kernel"):
                 m.__dict__.pop(name, None)
+
+
+def test_kernel_warm_up_leaves_no_state(model):
+    """warm_up_kernels (run at start-up on the GPU) prefills dummy prompts outside the KV cache:
+    afterwards the engine answers exactly as a fresh one and holds no blocks."""
+    engine = Engine(model, EOS, _graphed())
+    engine.warm_up_kernels(lengths=(1, 7, 20))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    got = _requests()[:2]
+    for r in got:
+        engine.add_request(r)
+    while engine.has_work():
+        engine.step()
+    ref = _requests()[:2]
+    _run(model, EngineConfig(), ref)
+    assert [r.output_ids for r in got] == [r.output_ids for r in ref]
