@@ -164,18 +164,20 @@ def test_first_chunk_before_thinker_finishes(omni):
     assert step <= 5  # prefill after the first token, then one frame per thinker token: 4 frames
 
 
+def _three_requests(omni):
+    """Three spoken requests of different lengths and voices."""
+    return [_request(omni, PROMPTS[0], "Ethan", tokens=16, frames=22),
+            _request(omni, PROMPTS[1], "Chelsie", tokens=6, frames=8),
+            _request(omni, PROMPTS[2], "Aiden", tokens=10, frames=14)]
+
+
 @pytest.mark.parametrize("backend", ["contiguous", "slots"])
 def test_three_concurrent_equal_each_alone(omni, backend):
-    def reqs():
-        return [_request(omni, PROMPTS[0], "Ethan", tokens=16, frames=22),
-                _request(omni, PROMPTS[1], "Chelsie", tokens=6, frames=8),
-                _request(omni, PROMPTS[2], "Aiden", tokens=10, frames=14)]
-
     alone = []
-    for req in reqs():
+    for req in _three_requests(omni):
         (job,), _ = _run(omni, _stage(omni, backend), [req])
         alone.append((job.codes(), job.pcm()))
-    jobs, log = _run(omni, _stage(omni, backend), reqs())
+    jobs, log = _run(omni, _stage(omni, backend), _three_requests(omni))
     assert len({len(j.frames) for j in jobs}) == 3  # different lengths
     steps_together = max(s for s, *_ in log)
     for job, (codes, pcm) in zip(jobs, alone):
@@ -306,16 +308,11 @@ def test_batched_code2wav_same_codes_and_lengths(omni):
     are identical to each alone; PCM has the same length and differs only by the rounding of
     batched convolutions (amplified by the tiny random code2wav; on a well-scaled one the
     difference is <= 1e-5, tests/models/test_code2wav.py)."""
-    def reqs():
-        return [_request(omni, PROMPTS[0], "Ethan", tokens=16, frames=22),
-                _request(omni, PROMPTS[1], "Chelsie", tokens=6, frames=8),
-                _request(omni, PROMPTS[2], "Aiden", tokens=10, frames=14)]
-
     alone = []
-    for req in reqs():
+    for req in _three_requests(omni):
         (job,), _ = _run(omni, _stage(omni), [req])
         alone.append((job.codes(), job.pcm()))
-    jobs, _ = _run(omni, _stage(omni, batch_code2wav=True), reqs())
+    jobs, _ = _run(omni, _stage(omni, batch_code2wav=True), _three_requests(omni))
     for job, (codes, pcm) in zip(jobs, alone):
         assert torch.equal(job.codes(), codes)
         assert job.pcm().shape == pcm.shape
