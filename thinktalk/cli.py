@@ -208,6 +208,9 @@ def serve(
     api_key: list[str] = typer.Option(None, "--api-key", envvar="THINKTALK_API_KEY",
                                       help="require 'Authorization: Bearer KEY' on /v1 (repeatable)"),
     served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the folder name)"),
+    cors_origin: list[str] = typer.Option(None, "--cors-origin", envvar="THINKTALK_CORS_ORIGINS",
+                                          help="a browser origin allowed to call the API, e.g. https://app.example.com "
+                                               "(repeat for several; '*' for any); default: none"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     no_talker: bool = typer.Option(False, "--no-talker", help="text output only; skips loading the talker"),
     max_queue: int = typer.Option(64, min=0, help="requests that may wait beyond --max-num-seqs; more get 429"),
@@ -256,7 +259,7 @@ def serve(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     opts = ServeOptions(
         model=model, host=host, port=port, api_keys=[k for k in api_key or [] if k], served_model_name=served_model_name,
-        device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
+        cors_origins=[o for o in cors_origin or [] if o], device=device, talker=not no_talker, max_queue=max_queue, max_num_seqs=max_num_seqs,
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
         max_request_mb=max_request_mb, max_media_mb=max_media_mb, max_image_pixels=max_image_pixels,
         max_media_seconds=max_media_seconds, max_speech_s=max_speech_seconds, random_weights=random_weights, dtype=dtype, quantization=quantization,

@@ -45,7 +45,7 @@ def demo_server(serve_factory, tiny_instruct, faulty_server):
     if not demo.exists():
         demo.symlink_to(tiny_instruct, target_is_directory=True)
     return serve_factory("--no-talker", "--max-num-seqs", "1", "--max-queue", "1", "--max-model-len", "512",
-                         env={"THINKTALK_API_KEY": " ".join(KEYS)})
+                         env={"THINKTALK_API_KEY": " ".join(KEYS), "THINKTALK_CORS_ORIGINS": "https://app.example.com"})
 
 
 def test_demo_model_is_announced(demo_server):
@@ -70,6 +70,18 @@ def test_api_keys(demo_server):
         r = demo_server.client(key).chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                                             model="thinktalk-demo-tiny-random")
         assert r.choices[0].message.content is not None
+
+
+def test_cors_origins(demo_server):
+    """Only the configured origin may call from a browser; the preflight needs no API key."""
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = httpx.options(demo_server.url + "/v1/chat/completions", headers={"Origin": "https://app.example.com", **pre})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example.com"
+    bad = httpx.options(demo_server.url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
+    assert "access-control-allow-origin" not in bad.headers
+    r = httpx.get(demo_server.url + "/v1/models", headers={"Origin": "https://app.example.com",
+                                                          "Authorization": f"Bearer {KEYS[0]}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
 
 
 def test_max_model_len(demo_server):

@@ -51,6 +51,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
+    # browser origins allowed to call the API (CORS); empty: none besides the server's own pages
+    cors_origins: list[str] = field(default_factory=list)
     served_model_name: str | None = None
     device: str | None = None
     talker: bool = True
@@ -447,6 +449,11 @@ def create_app(opts: ServeOptions) -> FastAPI:
     app.openapi = lambda: _openapi(app)
     app.add_middleware(_BodyLimit, limit=int(opts.max_request_mb * MB))
     app.add_middleware(_RequestCounter, state=state)
+    if opts.cors_origins:  # outermost, so preflights are answered before the limits and the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(opts.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False, max_age=600)
     return app
 
 
