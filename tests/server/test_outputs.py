@@ -108,12 +108,11 @@ def test_parsers_alone():
 
 
 def test_token_bytes_of_the_real_tokenizer():
-    from tokenizers import Tokenizer
-
     from thinktalk.config import ASSETS
+    from thinktalk.multimodal.tokenizer import load_tokenizer
     from thinktalk.server.outputs import Tokens
 
-    tok = Tokenizer.from_file(str(ASSETS / "tokenizer.json"))
+    tok = load_tokenizer(ASSETS)
 
     class Processor:
         tokenizer = tok

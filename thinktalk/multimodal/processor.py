@@ -29,6 +29,7 @@ import torch
 from ..config import ConfigError
 from ..errors import InputError, MediaError
 from .audio import DEFAULT_N_WINDOW, MelConfig, audio_token_count, load_audio, log_mel_features
+from .tokenizer import load_tokenizer
 from .image import VisionConfig, load_image, preprocess_images, recipe_resize_image
 from .video import (
     PROCESSOR_DEFAULT_FPS,
@@ -88,27 +89,6 @@ def _jinja_environment() -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
-
-
-def _tokenizer_file(folder: Path) -> Path:
-    """The folder's tokenizer.json; else the shipped one, when the folder's vocab.json and
-    merges.txt are Qwen3-Omni's own. The official checkpoints ship only vocab.json + merges.txt;
-    the shipped tokenizer.json encodes exactly as those do (see the reference's VERIFY.md)."""
-    own = folder / "tokenizer.json"
-    if own.is_file():
-        return own
-    from ..config import ASSETS
-
-    same = all(
-        (folder / name).is_file() and (folder / name).read_bytes() == (ASSETS / name).read_bytes()
-        for name in ("vocab.json", "merges.txt")
-    )
-    if same:
-        return ASSETS / "tokenizer.json"
-    raise ConfigError(
-        f"{folder}: no tokenizer.json, and its vocab.json/merges.txt are not Qwen3-Omni's; "
-        "add a tokenizer.json made from them (tokenizers' ByteLevel BPE)"
-    )
 
 
 def _read_chat_template(folder: Path, tokenizer_config: dict[str, Any]) -> str | dict[str, str] | None:
@@ -203,15 +183,13 @@ class OmniProcessor:
     # -- loading -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> "OmniProcessor":
-        """Read tokenizer.json, tokenizer_config.json, the chat template (chat_template.jinja,
+        """Read tokenizer.json (or vocab.json + merges.txt), tokenizer_config.json, the chat template (chat_template.jinja,
         chat_template.json or tokenizer_config.json), preprocessor_config.json and, when present,
         config.json (or the shipped config_instruct.json) from a checkpoint folder."""
-        from tokenizers import Tokenizer
-
         folder = Path(folder)
         if not folder.is_dir():
             raise ConfigError(f"{folder}: not a folder")
-        tokenizer = Tokenizer.from_file(str(_tokenizer_file(folder)))
+        tokenizer = load_tokenizer(folder)
         tok_cfg_file = folder / "tokenizer_config.json"
         tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.is_file() else {}
         special: dict[str, str] = {}
