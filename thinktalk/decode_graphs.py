@@ -111,7 +111,7 @@ class DecodeGraphs:
     def _fill(self, batch: Batch, bucket: int) -> None:
         """Write the batch into the static buffers; rows past the batch become padding."""
         n = len(batch.requests)
-        bs, scratch = self.pool.block_size, self.pool.scratch_block
+        bs = self.pool.block_size
         rows, pos, tables = self._rows_np, self._pos_np, self._tables_np
         rows[0, :n] = batch.input_ids.numpy()
         pos[:, :n] = batch.positions.numpy()
@@ -127,13 +127,23 @@ class DecodeGraphs:
             rows[1, i] = table[start // bs] * bs + start % bs
             rows[2, i] = start + 1
             width = max(width, used)
-        rows[0, n:bucket] = 0
-        pos[:, n:bucket] = 0
-        rows[1, n:bucket] = scratch * bs
-        rows[2, n:bucket] = 1
-        tables[n:bucket, 0] = scratch
-        for i in range(n, bucket):
+        self._stage_padding(n, bucket)
+        self._upload(bucket, width)
+
+    def _stage_padding(self, first: int, bucket: int) -> None:
+        """Staging rows first..bucket-1 become padding: token 0 at position 0, writing and reading
+        the scratch block."""
+        scratch, bs = self.pool.scratch_block, self.pool.block_size
+        self._rows_np[0, first:bucket] = 0
+        self._pos_np[:, first:bucket] = 0
+        self._rows_np[1, first:bucket] = scratch * bs
+        self._rows_np[2, first:bucket] = 1
+        self._tables_np[first:bucket, 0] = scratch
+        for i in range(first, bucket):
             self._row_owner[i] = (None, 0)
+
+    def _upload(self, bucket: int, width: int) -> None:
+        """Copy the staging rows of the bucket (block tables up to `width` entries) to the device."""
         nb = self.use_graphs
         self.input_ids[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
         self.positions[:, :bucket].copy_(self._pos[:, :bucket], non_blocking=nb)
@@ -154,17 +164,9 @@ class DecodeGraphs:
         if not self.use_graphs:
             return
         for bucket in sorted(self.buckets, reverse=True):
-            self._pad_only(bucket)
+            self._stage_padding(0, bucket)  # every row writes and reads the scratch block only
+            self._upload(bucket, 1)
             self._capture(bucket)
-
-    def _pad_only(self, bucket: int) -> None:
-        """Point every row of the buffers at the scratch block (for warm-up and capture)."""
-        bs, scratch = self.pool.block_size, self.pool.scratch_block
-        self.input_ids[:bucket].zero_()
-        self.positions[:, :bucket].zero_()
-        self.slot_mapping[:bucket].fill_(scratch * bs)
-        self.context_lens[:bucket].fill_(1)
-        self.block_tables[:bucket, 0].fill_(scratch)
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:

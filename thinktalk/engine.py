@@ -310,18 +310,18 @@ class Engine:
         a new tile config or specialisation costs ~1 s of JIT the first time it runs (a realtime
         turn whose prompt outgrew the earlier ones paid seconds)."""
         for n in lengths:
-            n = min(n, self.max_model_len)
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            positions = torch.arange(n, device=self.device)[None].expand(3, -1)
-            hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
-            self.thinker.logits(hidden[-1:])
+            self._dummy_prefill(n)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _profile_prefill(self) -> None:
         """A dummy text prefill of the largest step, to measure the activation peak before sizing KV."""
-        n = min(self.config.max_prefill_tokens, self.max_model_len)
+        self._dummy_prefill(self.config.max_prefill_tokens)
+
+    def _dummy_prefill(self, n: int) -> None:
+        """A text prefill of n (at most max_model_len) zero ids outside the KV cache, logits of the last."""
+        n = min(n, self.max_model_len)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)[None].expand(3, -1)
         hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
