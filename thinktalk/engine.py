@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decode_graphs import DecodeGraphs
+from .prefill_graphs import PrefillGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
@@ -65,6 +66,10 @@ class EngineConfig:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
     max_graph_batch: int | None = None  # the largest graphed decode batch; None: max_num_seqs
+    # prefill and mixed steps as piecewise CUDA graphs with attention run eagerly between the
+    # pieces (prefill_graphs.py); None: where the decode graphs are. True off CUDA runs the pieces eagerly.
+    prefill_graphs: bool | None = None
+    max_prefill_graph_tokens: int = 4096  # steps with more tokens run eagerly
 
 
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
@@ -116,6 +121,7 @@ class Engine:
             self.max_model_len = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
         self.decode_graphs = self._make_decode_graphs()
+        self.prefill_graphs = self._make_prefill_graphs()
         if on_cuda and (self.config.moe_kernel == "triton" or self.config.layer_kernels == "triton"):
             self.warm_up_kernels()
         self._mm_embeds: dict[str, tuple] = {}  # full-prompt embeddings of multimodal requests in prefill
@@ -178,7 +184,10 @@ class Engine:
         kv = self.pool.backend(batch, self.device)
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
         positions = batch.positions.to(self.device, non_blocking=True)
-        hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
+        if self.prefill_graphs is not None and self.prefill_graphs.supports(embeds.shape[0], deepstack):
+            hidden, captured = self.prefill_graphs.run(embeds, positions, kv, capture)
+        else:
+            hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
         if capture:
             self._keep_hidden(batch, captured)
         last = torch.tensor(batch.new_lens).cumsum(0) - 1
@@ -297,6 +306,18 @@ class Engine:
             raise ValueError("cuda_graphs needs kv_backend='paged'")
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
         graphs = DecodeGraphs(self.thinker, self.pool, cfg.max_graph_batch or cfg.max_num_seqs, self.max_model_len, capture)
+        graphs.capture_all()
+        return graphs
+
+    def _make_prefill_graphs(self) -> PrefillGraphs | None:
+        cfg = self.config
+        use = cfg.prefill_graphs
+        if use is None:
+            use = self.decode_graphs is not None and self.device.type == "cuda"
+        if not use:
+            return None
+        capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
+        graphs = PrefillGraphs(self.thinker.model, min(cfg.max_prefill_graph_tokens, cfg.max_prefill_tokens), capture)
         graphs.capture_all()
         return graphs
 

@@ -83,3 +83,27 @@ def test_softmax_topk(experts, top_k, normalize):
     for row in range(9):
         assert set(ids[row].tolist()) == set(ref_ids[row].tolist()) or torch.allclose(w[row].float(), ref_w[row].float())
     torch.testing.assert_close(w, ref_w, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_stores_into_the_kv_cache(dtype):
+    """With store=(k_cache, v_cache, slots) the kernel also writes the rotated keys and the values
+    at the tokens' slots, and nothing else in the cache."""
+    g = torch.Generator().manual_seed(4)
+    n, hq, hk, d, slots_total = 3, 4, 2, 16, 10
+    q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for h in (hq, hk, hk))
+    qw, kw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype), (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(7, 7 + n))
+    slots = torch.tensor([8, 2, 5])
+    caches = {}
+    for name, fn in (("triton", rope.qk_norm_rope), ("torch", rope.qk_norm_rope_reference)):
+        kc, vc = torch.full((slots_total, hk, d), 9.0, dtype=dtype), torch.full((slots_total, hk, d), 9.0, dtype=dtype)
+        qo, ko = fn(q, k, qw, kw, cos, sin, 1e-6, v, (kc, vc, slots))
+        caches[name] = (qo, ko, kc, vc)
+        untouched = torch.ones(slots_total, dtype=torch.bool)
+        untouched[slots] = False
+        assert (kc[untouched] == 9.0).all() and (vc[untouched] == 9.0).all()
+        assert torch.equal(kc[slots], ko) and torch.equal(vc[slots], v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=4e-2, atol=7e-2)
+    for a, b in zip(caches["triton"], caches["torch"]):
+        torch.testing.assert_close(a, b, **tol)
