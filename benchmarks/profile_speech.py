@@ -54,7 +54,7 @@ def main():
     cfg = reference_config()
     model = randomize_(build_model(cfg, "cuda", torch.bfloat16), 0)
     stage = SpeechStage(model, cfg, [cfg.get("im_end_token_id", 151645)], backend="graphs",
-                        max_active=max(64, max(args.concurrency)), profile=False)
+                        max_active=max(args.concurrency), profile=False)
     stage.warmup(list(args.concurrency))
     engine = Engine(model, eos_token_ids=[], config=EngineConfig(**json.loads(args.engine_config)),
                     capture_layer=cfg.talker_config.accept_hidden_layer)
