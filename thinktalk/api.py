@@ -70,8 +70,8 @@ class Omni:
     def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None, *,
                  speech_slots: int | None = None):
         """speech_slots: requests the speech stage speaks at once (more wait for a place); the talker's
-        paged KV pool is sized to 2,048 tokens per slot (40 MiB each for the full model), shared in
-        blocks, so one long answer may use what short ones leave. Default: the engine's
+        paged KV pool is sized to 2,048 tokens per slot (40 MiB each for the full model), at least
+        8,192, shared in blocks, so one long answer may use what short ones leave. Default: the engine's
         max_num_seqs, at most MAX_SPEECH_SLOTS, so a single-user setup (max_num_seqs 1) holds one
         slot's worth and a server as many as it decodes thinker requests together."""
         from .multimodal.processor import OmniProcessor  # noqa: F401  (type of `processor`)
@@ -395,7 +395,7 @@ def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device
     the stage allocates its talker KV pool and runs code2wav, so on a small card (24 GB) the
     budget would otherwise go to the thinker's KV and speech would not fit. The share
     gpu_memory_utilization gives up: (the talker pool's default size for `slots` requests, 2,048
-    tokens each + SPEECH_WORKING_SET) / total."""
+    tokens each, at least 8,192 + SPEECH_WORKING_SET) / total."""
     from dataclasses import replace
 
     device = torch.device(device)

@@ -8,7 +8,8 @@ step and each frame's code-predictor loop as CUDA graphs per batch-size bucket.
   admission (admission is bounded by free blocks), then one more whenever a decode token starts
   a new block; all of them go back at once when it finishes or is cancelled. Memory is what the
   pool was given, whatever the number of requests: 20 KiB per token for the full talker in bf16
-  (2 x 20 layers x 2 kv heads x 128 x 2 bytes), 40 MiB per 2,048 tokens.
+  (2 x 20 layers x 2 kv heads x 128 x 2 bytes), 40 MiB per 2,048 tokens; by default 2,048 tokens
+  per request allowed to speak at once, at least 8,192 (`plan_talker_blocks`).
   Prefills run eagerly through the thinker's `PagedAttention` (packed, causal over the prompt,
   written into the request's blocks). Decode steps run through `TalkerDecodeSteps`, the pattern
   of decode_graphs.py: persistent buffers (input embeddings, positions, slot mapping, block
@@ -46,8 +47,11 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 DEFAULT_BLOCK_SIZE = 16
 # the default pool: this many tokens per request allowed to speak at once (the old slot capacity),
-# but shared, so one long answer may use what short ones leave
+# but shared, so one long answer may use what short ones leave; and never less than MIN_POOL_TOKENS,
+# so that even a single-user setup speaks after a long prompt (every user turn's positions are in
+# the talker's prompt): 160 MiB for the full talker in bf16
 TOKENS_PER_REQUEST = 2048
+MIN_POOL_TOKENS = 8192
 DEFAULT_MAX_BATCH = 64  # graphed decode batch when the stage sets no max_active
 
 
@@ -90,13 +94,15 @@ def plan_talker_blocks(talker_cfg, dtype: torch.dtype, *, block_size: int = DEFA
                        num_blocks: int | None = None, gib: float | None = None,
                        max_active: int | None = None) -> int:
     """Blocks of the talker's pool: `num_blocks` if given, else as many as `gib` GiB hold, else
-    TOKENS_PER_REQUEST per request speaking at once (max_active, default DEFAULT_MAX_BATCH)."""
+    TOKENS_PER_REQUEST per request speaking at once (max_active, default DEFAULT_MAX_BATCH), at
+    least MIN_POOL_TOKENS."""
     if num_blocks is not None:
         blocks = int(num_blocks)
     elif gib is not None:
         blocks = int(gib * 2**30 // talker_block_bytes(talker_cfg, block_size, dtype))
     else:
-        blocks = -(-(max_active or DEFAULT_MAX_BATCH) * TOKENS_PER_REQUEST // block_size)
+        tokens = max((max_active or DEFAULT_MAX_BATCH) * TOKENS_PER_REQUEST, MIN_POOL_TOKENS)
+        blocks = -(-tokens // block_size)
     if blocks < 1:
         raise ValueError(f"the talker's KV pool needs at least one block (got {blocks}; num_blocks={num_blocks}, gib={gib})")
     return blocks

@@ -360,7 +360,7 @@ class SpeechStage:
     the pool's blocks. Also the largest graphed decode batch (default 64).
     talker_kv_blocks / talker_kv_gib: size of the paged talker pool, in blocks of kv_block_size
     tokens or in GiB; default: 2,048 tokens per request of max_active (or of 64), i.e. 40 MiB
-    each for the full talker in bf16 (speech_graphs.plan_talker_blocks).
+    each for the full talker in bf16, at least 8,192 tokens (speech_graphs.plan_talker_blocks).
     pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
     compile_predictor: torch.compile the code predictor's frame loop before graphing it (GPU).
     keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.

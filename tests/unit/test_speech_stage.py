@@ -408,14 +408,16 @@ def test_request_larger_than_the_pool_ends_with_length(omni):
 
 
 def test_pool_sizing(omni):
-    """talker_kv_blocks, talker_kv_gib, or 2,048 tokens per request of max_active; the full
-    talker holds 20 KiB per token in bf16."""
+    """talker_kv_blocks, talker_kv_gib, or 2,048 tokens per request of max_active (at least
+    8,192); the full talker holds 20 KiB per token in bf16."""
     from thinktalk.config import reference_config
     from thinktalk.speech_graphs import plan_talker_blocks, talker_block_bytes, talker_kv_bytes
 
     full = reference_config().talker_config
     assert talker_block_bytes(full, 16, torch.bfloat16) == 16 * 20 * 2**10
-    assert plan_talker_blocks(full, torch.bfloat16, max_active=4) == 4 * 2048 // 16
+    assert plan_talker_blocks(full, torch.bfloat16, max_active=16) == 16 * 2048 // 16
+    assert plan_talker_blocks(full, torch.bfloat16, max_active=1) == 8192 // 16
+    assert plan_talker_blocks(full, torch.bfloat16) == 64 * 2048 // 16
     assert plan_talker_blocks(full, torch.bfloat16, gib=1.0) == 2**30 // (16 * 20 * 2**10)
     assert plan_talker_blocks(full, torch.bfloat16, num_blocks=7, gib=1.0) == 7
     stage = _stage(omni, "paged", talker_kv_blocks=10, kv_block_size=8)

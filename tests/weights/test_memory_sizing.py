@@ -1,6 +1,6 @@
 """What the pipeline preallocates follows the configured concurrency: the talker's paged KV pool
-(2,048 tokens per request speaking at once, sized from the engine's max_num_seqs) and the share of
-the GPU budget the thinker's KV pool leaves for the speech stage."""
+(2,048 tokens per request speaking at once, sized from the engine's max_num_seqs; at least 8,192)
+and the share of the GPU budget the thinker's KV pool leaves for the speech stage."""
 
 import pytest
 import torch
@@ -23,10 +23,12 @@ def test_talker_kv_bytes_match_the_allocation(tiny_model):
     pool = runner.pool
     held = sum(t.numel() * t.element_size() for t in pool.k + pool.v)
     assert held == talker_kv_bytes(talker.cfg, 5, 8, runner.dtype)
-    # the full talker: 20 KiB per token in bf16, 40 MiB per request's 2,048 tokens (+ the scratch block)
+    # the full talker: 20 KiB per token in bf16, 40 MiB per request's 2,048 tokens (+ the scratch
+    # block); a single user still gets the floor of 8,192 tokens
     full = reference_config().talker_config
-    one = plan_talker_blocks(full, torch.bfloat16, max_active=1)
-    assert talker_kv_bytes(full, one, 16, torch.bfloat16) == 40 * 2**20 + 16 * 20 * 2**10
+    block = 16 * 20 * 2**10
+    assert talker_kv_bytes(full, plan_talker_blocks(full, torch.bfloat16, max_active=8), 16, torch.bfloat16) == 8 * 40 * 2**20 + block
+    assert talker_kv_bytes(full, plan_talker_blocks(full, torch.bfloat16, max_active=1), 16, torch.bfloat16) == 160 * 2**20 + block
     with pytest.raises(ValueError, match="at least one block"):
         plan_talker_blocks(full, torch.bfloat16, num_blocks=0)
 
@@ -54,7 +56,7 @@ def test_kv_budget_keeps_room_for_speech():
     base = EngineConfig(max_num_seqs=1, gpu_memory_utilization=0.9)
     got = reserve_for_speech(base, cfg, 1, "cuda", total_memory=total)
     kept = (base.gpu_memory_utilization - got.gpu_memory_utilization) * total
-    talker_kv = talker_kv_bytes(cfg.talker_config, 2048 // 16, 16, torch.bfloat16)
+    talker_kv = talker_kv_bytes(cfg.talker_config, 8192 // 16, 16, torch.bfloat16)  # the floor: one request
     assert kept == pytest.approx(talker_kv + SPEECH_WORKING_SET)
     assert base.gpu_memory_utilization == 0.9  # the caller's config is not changed
     # nothing to keep where the pool is not sized from the budget
