@@ -407,6 +407,24 @@ def test_request_larger_than_the_pool_ends_with_length(omni):
     assert job.finish_reason == "length" and job.codes().shape[1] == 0
 
 
+def test_triton_paged_decode_attention(omni, contiguous_three):
+    """The Triton paged decode kernel (the GPU's) in the talker's static decode step, under the
+    CPU interpreter: same codes as the reference. Run with TRITON_INTERPRET=1 set before thinktalk
+    is imported (e.g. `TRITON_INTERPRET=1 pytest tests/unit/test_speech_stage.py -k triton`)."""
+    from thinktalk.kernels.common import available, interpreting
+    from thinktalk.speech_graphs import PagedTalker
+
+    if not available("cpu") or not interpreting():
+        pytest.skip("needs triton and TRITON_INTERPRET=1 before thinktalk is imported")
+    stage = _stage(omni, "graphs")
+    stage.runner = PagedTalker(omni.model.talker, 64, 4, graphs=True, decode_attention="triton")
+    assert stage.runner.pool.decode_fn.__name__ == "paged_attention"
+    jobs, _ = _run(omni, stage, _three_requests(omni))
+    assert stage.runner.steps.steps > 0
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+
+
 def test_pool_sizing(omni):
     """talker_kv_blocks, talker_kv_gib, or 2,048 tokens per request of max_active (at least
     8,192); the full talker holds 20 KiB per token in bf16."""
