@@ -714,7 +714,6 @@ class SpeechStage:
         return True
 
     # -- readiness --------------------------------------------------------------------------------
-
     def _fed_generated(self, req: Request) -> int:
         """Generated tokens known to be fed to the thinker: all but the one that finished it."""
         n = len(req.output_ids)
