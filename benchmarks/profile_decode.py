@@ -61,7 +61,12 @@ def main():
         lines.append(f"=== batch {batch}: {step_ms:.2f} ms per decode step (wall, 10 steps)")
         lines += kernel_table(prof, 5)
         lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")  # what is measured so far, in case a later part fails
     for n in args.prefill:
+        if n + 1 > engine.max_model_len:
+            lines.append(f"=== prefill {n} tokens: skipped, the KV cache holds {engine.max_model_len} tokens on this GPU")
+            continue
         walls = []
         for i in range(4):  # 3 warm-ups (shapes compile), then a timed and a profiled one
             req = text_request(n, 1, seed=100 + i)

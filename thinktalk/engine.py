@@ -25,6 +25,7 @@ from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
+from .layers.mlp import GatedMLP, fuse_gate_up
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .request import Request, Status
@@ -75,7 +76,9 @@ class EngineConfig:
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
-    kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`)."""
+    kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
+    MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel)."""
+    from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
@@ -92,6 +95,9 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
         elif layers and isinstance(module, Attention):
             module.qk_kernel = qk_norm_rope
             fuse_qkv(module)
+        elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
+            if fuse_gate_up(module):
+                module.act_mul_kernel = silu_mul
 
 
 class Engine:
