@@ -36,7 +36,8 @@ class MediaItem:
     digest: bytes  # 16 bytes
 
 
-def _digest(kind: str, tensor: torch.Tensor, meta: tuple[int, ...]) -> bytes:
+def item_digest(kind: str, tensor: torch.Tensor, meta: tuple[int, ...]) -> bytes:
+    """The digest of one item from what the encoder reads of it (see the module docstring)."""
     t = tensor.detach().cpu().contiguous()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{kind}{meta}{t.dtype}{tuple(t.shape)}".encode())
@@ -46,15 +47,22 @@ def _digest(kind: str, tensor: torch.Tensor, meta: tuple[int, ...]) -> bytes:
 
 def media_items(inputs: dict[str, Any], thinker_cfg) -> list[MediaItem]:
     """The items of one prompt's processor outputs (audio, then images, then videos; each kind in
-    prompt order)."""
+    prompt order). `inputs["item_digests"]`, when the processor gives it (items it took from a
+    media_cache.MediaCache, which digested them once), holds their digests in this order, None
+    where the digest is to be computed here."""
     items: list[MediaItem] = []
+    known = iter(inputs.get("item_digests") or ())
+
+    def digest(kind: str, tensor: torch.Tensor, meta: tuple[int, ...]) -> bytes:
+        return next(known, None) or item_digest(kind, tensor, meta)
+
     feats, mask = inputs.get("input_features"), inputs.get("feature_attention_mask")
     if feats is not None:
         lens = mask.sum(-1).tolist()
         counts = audio_token_count(torch.tensor(lens), thinker_cfg.audio_config.n_window).tolist()
         for i, (n_frames, n_tokens) in enumerate(zip(lens, counts)):
             items.append(MediaItem("audio", thinker_cfg.audio_token_id, int(n_tokens),
-                                   _digest("audio", feats[i, :, : int(n_frames)], (int(n_frames),))))
+                                   digest("audio", feats[i, :, : int(n_frames)], (int(n_frames),))))
     merge = thinker_cfg.vision_config.spatial_merge_size
     for kind, pixels, grids, token_id in (
         ("image", inputs.get("pixel_values"), inputs.get("image_grid_thw"), thinker_cfg.image_token_id),
@@ -65,7 +73,7 @@ def media_items(inputs: dict[str, Any], thinker_cfg) -> list[MediaItem]:
         row = 0
         for grid in grids.tolist():
             rows = int(np.prod(grid))
-            items.append(MediaItem(kind, token_id, rows // merge**2, _digest(kind, pixels[row : row + rows], tuple(grid))))
+            items.append(MediaItem(kind, token_id, rows // merge**2, digest(kind, pixels[row : row + rows], tuple(grid))))
             row += rows
     return items
 
