@@ -169,6 +169,7 @@ class Session:
                 turn["status"] = ev["response"]["status"]
                 usage = ev["response"].get("usage") or {}
                 turn["input_tokens"] = usage.get("input_tokens")
+                turn["cached_tokens"] = (usage.get("input_token_details") or {}).get("cached_tokens")
                 self._done.set()
             elif kind == "error":
                 self.errors.append(ev["error"].get("message", "error"))
@@ -200,6 +201,8 @@ async def run_level(url: str, speech: bytes, args, c: int) -> dict:
         "commit_to_done": stats([t["done"] - t["committed"] for t in turns]),
         # each turn in order (session, turn): which turns are slow, not just how slow
         "per_turn_commit_to_first_audio_s": [round(t["first_audio"] - t["committed"], 4) for t in turns],
+        # prompt tokens and how many of them came from the prefix cache, per turn in the same order
+        "per_turn_prompt_cached_tokens": [(t.get("input_tokens"), t.get("cached_tokens")) for t in turns],
         "statuses": sorted({t.get("status", "?") for t in turns}),
         "answer_audio_s": stats([t.get("audio_s", 0.0) for t in turns]),
         "prompt_tokens_last_turn": max((t.get("input_tokens") or 0 for t in turns), default=0),

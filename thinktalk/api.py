@@ -149,18 +149,21 @@ class Omni:
         enable_thinking: bool | None = None,
         tools: list[dict] | None = None,
         audio_per_clip: bool = False,
+        media_cache=None,
     ) -> Request:
         """Render, tokenize and load the media of one conversation into an engine request.
 
         audio_per_clip: each audio clip's features as if it came alone, not padded to the longest
         clip as the reference does; for conversations re-sent turn after turn, whose earlier clips
         must keep their features (and so their cached KV) when a longer clip is added.
+        media_cache: a multimodal.media_cache.MediaCache kept across the turns of one conversation,
+        so each image and (with audio_per_clip) clip is processed once.
         """
         if speaker is not None:
             speaker = self.check_speaker(speaker)
         inputs = self.processor.prepare_messages(
             messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools,
-            audio_per_clip=audio_per_clip,
+            audio_per_clip=audio_per_clip, cache=media_cache,
         )
         req = request_from_inputs(inputs, self.cfg.thinker_config, sampling, self.device, use_audio_in_video)
         req.speaker = speaker

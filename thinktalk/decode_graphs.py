@@ -5,7 +5,8 @@ of host time against ~8 ms of GPU work (benchmarks/results/profile_decode_h200.t
 captured graph launches them all at once. A graph replays fixed tensors, so everything a step
 varies lives in static buffers that each step overwrites before the replay:
 
-    input_ids [B]      positions [3, B]      slot_mapping [B]  (where each new key/value goes)
+    input_ids [B]      positions [3, B]      slot_mapping [B]  (where each new key/value goes,
+                                                               and the talker's hidden state)
     block_tables [B, W]    context_lens [B]   (what each query attends to)
 
 where B is the largest graph's batch and W the block-table width of a max_model_len sequence.
@@ -166,6 +167,8 @@ class DecodeGraphs:
                                    self.context_lens[:bucket], self.num_splits[bucket])
         embeds = self.thinker.embed(self.input_ids[:bucket])[0]
         hidden, captured = self.thinker(embeds, self.positions[:, :bucket], kv, None, self.capture_layers)
+        if self.pool.hidden is not None:  # the talker's layer, kept for prefix reuse (kv_cache.py)
+            self.pool.store_hidden(self.slot_mapping[:bucket], captured)
         return self.thinker.logits(hidden).float(), captured
 
     # -- capture ----------------------------------------------------------------------------------

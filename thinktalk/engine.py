@@ -10,6 +10,12 @@ is the reference path, a growing tensor per request (`layers.attention.Contiguou
 `kv_backend="paged"` shares a preallocated paged cache in blocks, with admission bounded by free
 blocks, preemption by recompute and prefix reuse. Which tokens a step computes (admission, chunked
 prefill, preemption) is decided by scheduler.py, the same for both.
+
+A request that speaks keeps the thinker's hidden states the talker reads (`Request.capture`): the
+rows of the tokens a step computes, and, for a prefix reused from the cache, token embeddings plus
+the rows the paged pool kept for it (`_restore_hidden`, kv_cache.py). A multimodal prompt computed
+after a cached prefix (or in chunks) runs the audio and vision encoders only over the media items
+that the computed part holds (`_embed_prompt_rest`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .request import Request, Status
 from .sampler import sample_batch, top_logprobs
-from .scheduler import Batch, Scheduler, captured_tokens
+from .multimodal.items import item_of_token, items_from, select_items
+from .scheduler import Batch, Scheduler, captured_tokens, token_slice
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +193,7 @@ class Engine:
             if captured:
                 self._keep_hidden(batch, captured)
             return logits
+        self._restore_hidden(batch)
         embeds, deepstack = self._embed(batch)
         kv = self.pool.backend(batch, self.device)
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
@@ -196,6 +204,8 @@ class Engine:
             hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
         if capture:
             self._keep_hidden(batch, captured)
+            if self.pool.hidden is not None:
+                self.pool.store_hidden(kv.slot_mapping, captured)
         last = torch.tensor(batch.new_lens).cumsum(0) - 1
         rows = last[torch.tensor(batch.sample, dtype=torch.bool)].to(self.device)
         return self.thinker.logits(hidden[rows]).float()
@@ -251,25 +261,63 @@ class Engine:
         prompt_len = len(req.prompt_ids)
         if start == 0 and n == prompt_len:
             return self.thinker.embed(ids, req.mm)
-        # a chunk or a suffix after a cached prefix: the encoders see the whole prompt once, the
-        # result is kept until the prompt is done
-        if req.request_id not in self._mm_embeds:
-            prompt = torch.tensor(req.prompt_ids, device=self.device)
-            self._mm_embeds[req.request_id] = self.thinker.embed(prompt, req.mm)
-        full, deep = self._mm_embeds[req.request_id]
+        # a chunk or a suffix after a cached prefix: the rest of the prompt is embedded once (the
+        # encoders see only the media it needs) and kept until the prompt is done
+        rest = self._mm_embeds.get(req.request_id)
+        if rest is None or rest[0] > start:  # none yet, or a recompute from further back
+            rest = self._mm_embeds[req.request_id] = self._embed_prompt_rest(req, start)
+        lo, full, deep = rest
         end = min(start + n, prompt_len)
-        e = full[start:end]
+        e = full[start - lo : end - lo]
         if end < start + n:  # generated tokens after the prompt (recompute after preemption)
             e = torch.cat([e, self.thinker.embed(ids[end - start :])[0]])
         if deep is None:
             return e, None
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)
-        mask[: end - start] = deep[0][start:end]
-        first = int(deep[0][:start].sum())
+        mask[: end - start] = deep[0][start - lo : end - lo]
+        first = int(deep[0][: start - lo].sum())
         count = int(mask.sum())
         if count == 0:
             return e, None
         return e, (mask, [f[first : first + count] for f in deep[1]])
+
+    def _embed_prompt_rest(self, req: Request, start: int):
+        """(lo, embeddings of prompt tokens lo.., deepstack of those or None) for computing the
+        prompt from `start` on: only the media items with placeholders at or after `start` are
+        encoded (those wholly inside a cached prefix are not), and lo <= start is where the first of
+        them begins, so each is scattered whole. Without per-item digests: all of it, from 0."""
+        items = req.media_items
+        owner = item_of_token(req.prompt_ids, items) if items else None
+        lo, mm = 0, req.mm
+        if owner is not None:
+            lo, keep = items_from(owner, start)
+            if len(keep) < len(items):
+                mm = select_items(req.mm, items, keep)
+        prompt = torch.tensor(req.prompt_ids[lo:], device=self.device)
+        return (lo, *self.thinker.embed(prompt, mm))
+
+    def _restore_hidden(self, batch: Batch) -> None:
+        """Hidden states of a reused prefix for requests that speak (the talker reads every prompt
+        position; a cached prefix is not recomputed). Tokens kept..start-1 of a prefill row: layer
+        0 is the token embedding (what the talker reads of it, at text positions; at media
+        placeholders it holds the placeholder's embedding, which the talker never reads), the
+        captured layer comes from the pool's side tensor, read now while the request holds the
+        blocks. Only prefill rows can start past what was kept: admission adds one."""
+        if self.pool.hidden is None:
+            return
+        for req, start, _, prefill in zip(batch.requests, batch.starts, batch.new_lens, batch.prefill):
+            if not prefill or req.capture is None:
+                continue
+            kept = captured_tokens(req)
+            if kept >= start:
+                continue
+            for layer in req.capture:
+                if layer == 0:
+                    ids = torch.tensor(token_slice(req, kept, start), dtype=torch.long, device=self.device)
+                    rows = self.thinker.embed(ids)[0]
+                else:
+                    rows = self.pool.gather_hidden(req, kept, start)
+                req.capture[layer].append(rows)
 
     def _keep_hidden(self, batch: Batch, captured: dict[int, torch.Tensor]) -> None:
         offset = 0
@@ -291,13 +339,16 @@ class Engine:
         text = self.thinker.cfg.text_config
         dtype = next(self.thinker.parameters()).dtype
         head_dim = text.get("head_dim") or text.hidden_size // text.num_attention_heads
-        num_blocks = plan_num_blocks(cfg, text, dtype, self.device, self.max_model_len, profile=self._profile_prefill)
+        # the talker's hidden states of cached prefixes (kv_cache.py): only with prefix reuse
+        hidden_size = text.hidden_size if self.capture_layer is not None and cfg.enable_prefix_caching else 0
+        num_blocks = plan_num_blocks(cfg, text, dtype, self.device, self.max_model_len, profile=self._profile_prefill,
+                                     hidden_size=hidden_size)
         t = self.thinker.cfg
         return PagedPool(
             text.num_hidden_layers, num_blocks, cfg.block_size, text.num_key_value_heads, head_dim, dtype,
             self.device, cfg.enable_prefix_caching,
             placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
-            decode_attention=cfg.decode_attention,
+            decode_attention=cfg.decode_attention, hidden_size=hidden_size, hidden_layer=self.capture_layer,
         )
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
