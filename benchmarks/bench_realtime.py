@@ -63,6 +63,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str, list[str]
     cmd += ["--model", args.model] if args.model else ["--random-weights"]
     if args.device:
         cmd += ["--device", args.device]
+    cmd += args.server_arg or []
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -260,6 +261,8 @@ def main() -> int:
     ap.add_argument("--turn-timeout", type=float, default=180.0)
     ap.add_argument("--startup-timeout", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    ap.add_argument("--server-arg", action="append", help="an extra `serve` argument for the server started here "
+                    "(repeat; e.g. --server-arg=--gpu-memory-utilization=0.95)")
     args = ap.parse_args()
 
     speech = load_speech(args.speech_wav)
