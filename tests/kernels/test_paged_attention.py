@@ -44,6 +44,7 @@ CASES = [
     (3, 4, 2, 16, 4, [1, 7, 30]),
     (2, 8, 1, 32, 16, [17, 64]),  # GQA group 8 (Qwen3-Omni's 32/4), a full tile
     (2, 4, 4, 24, 8, [5, 130]),  # no grouping, head dim not a power of two, several tiles
+    (2, 4, 2, 8, 4, [3, 9]),  # a head dim below tl.dot's 16 (tiny test models): padded
 ]
 
 

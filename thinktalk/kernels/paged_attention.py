@@ -227,7 +227,8 @@ def paged_attention(
         block_tables.stride(0),
         *strides_o, *strides_l,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        # tl.dot needs K >= 16 when compiled (the interpreter does not check): small test heads are padded
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2,
     )
     if splits == 1:
