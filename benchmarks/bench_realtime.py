@@ -63,6 +63,7 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str, list[str]
     cmd += ["--model", args.model] if args.model else ["--random-weights"]
     if args.device:
         cmd += ["--device", args.device]
+    cmd += args.server_arg or []
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -169,6 +170,7 @@ class Session:
                 turn["status"] = ev["response"]["status"]
                 usage = ev["response"].get("usage") or {}
                 turn["input_tokens"] = usage.get("input_tokens")
+                turn["cached_tokens"] = (usage.get("input_token_details") or {}).get("cached_tokens")
                 self._done.set()
             elif kind == "error":
                 self.errors.append(ev["error"].get("message", "error"))
@@ -200,6 +202,8 @@ async def run_level(url: str, speech: bytes, args, c: int) -> dict:
         "commit_to_done": stats([t["done"] - t["committed"] for t in turns]),
         # each turn in order (session, turn): which turns are slow, not just how slow
         "per_turn_commit_to_first_audio_s": [round(t["first_audio"] - t["committed"], 4) for t in turns],
+        # prompt tokens and how many of them came from the prefix cache, per turn in the same order
+        "per_turn_prompt_cached_tokens": [(t.get("input_tokens"), t.get("cached_tokens")) for t in turns],
         "statuses": sorted({t.get("status", "?") for t in turns}),
         "answer_audio_s": stats([t.get("audio_s", 0.0) for t in turns]),
         "prompt_tokens_last_turn": max((t.get("input_tokens") or 0 for t in turns), default=0),
@@ -257,6 +261,8 @@ def main() -> int:
     ap.add_argument("--turn-timeout", type=float, default=180.0)
     ap.add_argument("--startup-timeout", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, help="write the JSON here (also printed)")
+    ap.add_argument("--server-arg", action="append", help="an extra `serve` argument for the server started here "
+                    "(repeat; e.g. --server-arg=--gpu-memory-utilization=0.95)")
     args = ap.parse_args()
 
     speech = load_speech(args.speech_wav)

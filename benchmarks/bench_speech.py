@@ -13,8 +13,12 @@ eos and writes --answer-tokens tokens, the talker ignores codec_eos and speaks -
 speech_stage.step().
 
 Figures
-  check                     tiny float32 model on the GPU: codes of the CUDA-graph backend (slot KV,
-                            graphed talker decode and predictor) equal the reference backend's
+  check                     tiny float32 model on the GPU: codes of the paged backends equal the
+                            reference (contiguous) backend's, three concurrent requests: "paged"
+                            (paged talker KV, eager steps), "graphs" (paged KV, graphed talker
+                            decode and predictor), and "graphs" on a pool too small for the three at
+                            once (requests wait for blocks, maybe one is preempted and recomputed);
+                            every talker KV block is free again at the end
   c1.first_audio_ms         request -> first PCM chunk on the host, 100-token text prompt
   c1.rtf                    wall time request -> last chunk / seconds of audio (10 s)
   c1.rtf_speech             talker + code predictor + code2wav time / seconds of audio
@@ -149,17 +153,27 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs, dtype=float), q))
 
 
-# -- correctness of the GPU backend -------------------------------------------------------------
-def check_graphs(args) -> dict:
-    """Tiny float32 model: the CUDA-graph backend's codes equal the reference contiguous backend's."""
+# -- correctness of the GPU backends ------------------------------------------------------------
+CHECK_RUNS = (  # (name, backend, SpeechStage options); "graphs" runs last: it switches the talker to Triton kernels
+    ("contiguous", "contiguous", {}),
+    ("paged", "paged", {}),
+    ("graphs", "graphs", {}),
+    # the three need ~15 blocks of 16 tokens at once, each alone at most 6: on the CPU this pool makes
+    # them wait 11 times and preempts one
+    ("graphs_small_pool", "graphs", {"talker_kv_blocks": 7}),
+)
+
+
+def check_graphs(args, device: str = "cuda") -> dict:
+    """Tiny float32 model: the paged backends' codes equal the reference contiguous backend's."""
     from thinktalk.weights.tiny_config import tiny_config_dict
 
     cfg = config_from_dict(tiny_config_dict("instruct"))
-    model = randomize_(build_model(cfg, "cuda", torch.float32), 3)
-    codes = {}
-    for backend in ("contiguous", "graphs"):  # graphs last: it switches the talker to the fused MoE kernel
+    model = randomize_(build_model(cfg, device, torch.float32), 3)
+    codes, out = {}, {}
+    for name, backend, options in CHECK_RUNS:
         engine = Engine(model, eos_token_ids=[], capture_layer=cfg.talker_config.accept_hidden_layer)
-        stage = SpeechStage(model, cfg, [cfg.get("im_end_token_id", 151645)], backend=backend)
+        stage = SpeechStage(model, cfg, [cfg.get("im_end_token_id", 151645)], backend=backend, **options)
         reqs = [spoken_request(cfg, 30 + 7 * i, 10 + 5 * i, 20 + 10 * i, seed=i) for i in range(3)]
         jobs = []
         for r in reqs:
@@ -168,15 +182,27 @@ def check_graphs(args) -> dict:
         while engine.has_work() or stage.has_work():
             engine.step()
             stage.step()
-        codes[backend] = [j.codes().cpu() for j in jobs]
-    equal = all(torch.equal(a, b) for a, b in zip(codes["contiguous"], codes["graphs"]))
-    mismatch = [int((a != b).any(0).float().argmax()) if not torch.equal(a, b) else None
-                for a, b in zip(codes["contiguous"], codes["graphs"])]
+        codes[name] = [j.codes().cpu() for j in jobs]
+        if name == "contiguous":
+            continue
+        ref = codes["contiguous"]
+        bm = stage.runner.block_manager
+        steps = stage.runner.steps
+        out[name] = {
+            "codes_equal_reference": all(torch.equal(a, b) for a, b in zip(ref, codes[name])),
+            "first_mismatch_frame": [int((a != b).any(0).float().argmax()) if a.shape == b.shape and not torch.equal(a, b)
+                                     else (None if a.shape == b.shape else "length") for a, b in zip(ref, codes[name])],
+            "frames": [c.shape[1] for c in codes[name]],
+            "blocks_all_free": bm.num_free_blocks == bm.num_blocks, "num_blocks": bm.num_blocks,
+            "kv_waits": stage.counts["kv_waits"], "preemptions": stage.counts["preemptions"],
+            "decode_graphs": sorted(steps.graphs) if steps is not None else None,
+        }
     del model
     gc.collect()
-    torch.cuda.empty_cache()
-    return {"graphs_codes_equal_reference": equal, "first_mismatch_frame": mismatch,
-            "frames": [c.shape[1] for c in codes["graphs"]]}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    out["graphs_codes_equal_reference"] = all(v["codes_equal_reference"] for v in out.values())
+    return out
 
 
 # -- thinktalk ------------------------------------------------------------------------------------
@@ -190,9 +216,13 @@ def bench_thinktalk(args) -> dict:
     layer = cfg.talker_config.accept_hidden_layer
     stage = SpeechStage(model, cfg, [cfg.get("im_end_token_id", 151645)], backend=args.backend,
                         max_active=max(64, max(args.concurrency, default=1)), profile=True,
-                        compile_predictor=args.compile_predictor)
+                        compile_predictor=args.compile_predictor, talker_kv_gib=args.talker_kv_gib)
     res["compile_predictor"] = args.compile_predictor
     res["speech_backend"] = stage.backend_name
+    bm = getattr(stage.runner, "block_manager", None)
+    if bm is not None:
+        res["talker_kv"] = {"blocks": bm.num_blocks, "block_size": bm.block_size,
+                            "gib": sum(t.numel() * t.element_size() for t in stage.runner.pool.k + stage.runner.pool.v) / 2**30}
 
     def warm_up(engine):  # kernels, Triton compiles, CUDA graphs of the batch sizes used below
         for c in [1] + list(args.concurrency):
@@ -248,11 +278,14 @@ def bench_thinktalk(args) -> dict:
         stage.times = {k: 0.0 for k in stage.times}
         timer = Timer()
         reqs = [spoken_request(cfg, args.prompt_tokens, args.answer_tokens, args.frames, seed=100 + i) for i in range(c)]
+        counts = dict(stage.counts)
         r = run_spoken(engine, stage, reqs, timer)
         times = stage.collect_times()
         per = r["per_request"]
         audio = sum(p["audio_s"] for p in per)
         res[f"c{c}"] = {
+            "talker_kv_waits": stage.counts["kv_waits"] - counts["kv_waits"],
+            "talker_preemptions": stage.counts["preemptions"] - counts["preemptions"],
             "first_audio_ms_p50": pct([p["first_audio_s"] * 1000 for p in per], 50),
             "first_audio_ms_p90": pct([p["first_audio_s"] * 1000 for p in per], 90),
             "rtf_p50": pct([p["rtf"] for p in per], 50), "rtf_p90": pct([p["rtf"] for p in per], 90),
@@ -339,7 +372,9 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--engine-config", default='{"kv_backend": "paged", "moe_kernel": "triton"}',
                     help="JSON of EngineConfig fields (falls back to the contiguous engine if it fails)")
-    ap.add_argument("--backend", default="graphs", help="speech backend: graphs | slots | contiguous")
+    ap.add_argument("--backend", default="graphs", help="speech backend: graphs | paged | contiguous")
+    ap.add_argument("--talker-kv-gib", type=float, default=None,
+                    help="talker KV pool size (default: 2,048 tokens per request of max_active)")
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--answer-tokens", type=int, default=40)
     ap.add_argument("--frames", type=int, default=125, help="codec frames per answer (12.5 per second)")

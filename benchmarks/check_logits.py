@@ -5,7 +5,8 @@
 transformers' `Qwen3OmniMoeThinkerForConditionalGeneration` is built from the Instruct config
 with its own random init; our thinker is built on the meta device and takes transformers' very
 tensors (the two state dicts have the same names and shapes, so nothing is copied). Our engine
-(default GPU path: paged KV, Triton fused MoE and paged attention, CUDA-graphed decode) runs a
+(default GPU path: paged KV, Triton fused MoE and paged attention, CUDA-graphed decode, prefill in
+piecewise CUDA graphs) runs a
 prompt of random ids and 16 greedy decode steps, keeping the logits of every step. transformers
 then runs one forward over the prompt and our 16 fed tokens (teacher forcing), whose logits at the
 same 17 positions are compared row by row: max abs difference, that relative to the row's largest
@@ -64,7 +65,8 @@ def engine_logits(model, prompt_len: int, steps: int, **config) -> tuple[list[in
     engine.add_request(req)
     while engine.has_work():
         engine.step()
-    graphed = engine.decode_graphs.steps if engine.decode_graphs is not None else 0
+    graphed = {"decode": engine.decode_graphs.steps if engine.decode_graphs is not None else 0,
+               "prefill": engine.prefill_graphs.steps if engine.prefill_graphs is not None else 0}
     return req.prompt_ids, req.output_ids, torch.stack(rows).float(), graphed
 
 
@@ -128,11 +130,12 @@ def main():
     with torch.inference_mode():
         # on the CPU "graphed" is the same static-buffer step run eagerly
         paged = {"kv_backend": "paged", "moe_kernel": "torch"} if device == "cpu" else {}
-        for name, cfg in (("graphed", {"cuda_graphs": True, **paged}), ("eager", {"cuda_graphs": False, **paged})):
+        for name, cfg in (("graphed", {"cuda_graphs": True, "prefill_graphs": True, **paged}),
+                          ("eager", {"cuda_graphs": False, "prefill_graphs": False, **paged})):
             prompt, out, logits, graphed = engine_logits(ours, args.prompt_len, args.steps, **cfg)
             fed = torch.tensor(prompt + out[:-1], device=device)[None]
             ref = hf(input_ids=fed, attention_mask=torch.ones_like(fed)).logits[0, len(prompt) - 1 :].float()
-            result[name] = {"graphed_decode_steps": graphed, "tokens": out, **compare(logits, ref)}
+            result[name] = {"graphed_steps": graphed, "tokens": out, **compare(logits, ref)}
             result[name]["vs_transformers_ok"] = (
                 result[name]["min_cosine"] >= 0.999 and result[name]["max_abs_over_max_logit"] <= 0.05
             )

@@ -63,16 +63,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-MAX_SPEECH_SLOTS = 64  # the talker's KV slots never exceed this by default (2.5 GiB at full size)
+MAX_SPEECH_SLOTS = 64  # requests speaking at once never exceed this by default (talker KV: 2.5 GiB at full size)
 
 
 class Omni:
     def __init__(self, model, processor, path: Path, engine_config: EngineConfig | None = None, *,
                  speech_slots: int | None = None):
-        """speech_slots: requests the speech stage speaks at once (each holds a preallocated talker
-        KV slot: 40 MiB at 2,048 tokens for the full model; more wait for a place). Default: the
-        engine's max_num_seqs, at most MAX_SPEECH_SLOTS, so a single-user setup (max_num_seqs 1)
-        holds one slot and a server as many as it decodes thinker requests together."""
+        """speech_slots: requests the speech stage speaks at once (more wait for a place); the talker's
+        paged KV pool is sized to 2,048 tokens per slot (40 MiB each for the full model), at least
+        8,192, shared in blocks, so one long answer may use what short ones leave. Default: the engine's
+        max_num_seqs, at most MAX_SPEECH_SLOTS, so a single-user setup (max_num_seqs 1) holds one
+        slot's worth and a server as many as it decodes thinker requests together."""
         from .multimodal.processor import OmniProcessor  # noqa: F401  (type of `processor`)
 
         self.model = model
@@ -148,18 +149,21 @@ class Omni:
         enable_thinking: bool | None = None,
         tools: list[dict] | None = None,
         audio_per_clip: bool = False,
+        media_cache=None,
     ) -> Request:
         """Render, tokenize and load the media of one conversation into an engine request.
 
         audio_per_clip: each audio clip's features as if it came alone, not padded to the longest
         clip as the reference does; for conversations re-sent turn after turn, whose earlier clips
         must keep their features (and so their cached KV) when a longer clip is added.
+        media_cache: a multimodal.media_cache.MediaCache kept across the turns of one conversation,
+        so each image and (with audio_per_clip) clip is processed once.
         """
         if speaker is not None:
             speaker = self.check_speaker(speaker)
         inputs = self.processor.prepare_messages(
             messages, use_audio_in_video=use_audio_in_video, enable_thinking=enable_thinking, tools=tools,
-            audio_per_clip=audio_per_clip,
+            audio_per_clip=audio_per_clip, cache=media_cache,
         )
         req = request_from_inputs(inputs, self.cfg.thinker_config, sampling, self.device, use_audio_in_video)
         req.speaker = speaker
@@ -391,26 +395,29 @@ SPEECH_WORKING_SET = 0.25 * 2**30  # code2wav's largest streaming window + graph
 def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device, total_memory: int | None = None) -> EngineConfig:
     """The engine config with room kept for the speech stage when the KV pool is sized from the
     memory budget (CUDA, paged, no num_kv_blocks): the pool is planned when the engine starts, before
-    the stage allocates its talker KV slots and runs code2wav, so on a small card (24 GB) the
+    the stage allocates its talker KV pool and runs code2wav, so on a small card (24 GB) the
     budget would otherwise go to the thinker's KV and speech would not fit. The share
-    gpu_memory_utilization gives up: (slots x talker KV at 2,048 tokens + SPEECH_WORKING_SET) / total."""
+    gpu_memory_utilization gives up: (the talker pool's default size for `slots` requests, 2,048
+    tokens each, at least 8,192 + SPEECH_WORKING_SET) / total."""
     from dataclasses import replace
 
     device = torch.device(device)
     paged = config.kv_backend == "paged" or (config.kv_backend == "auto" and device.type == "cuda")
     if device.type != "cuda" or not paged or config.num_kv_blocks:
         return config
-    from .speech_graphs import SlotTalker
+    from .speech_graphs import DEFAULT_BLOCK_SIZE, plan_talker_blocks, talker_kv_bytes
 
     if total_memory is None:
         total_memory = torch.cuda.get_device_properties(device).total_memory
     dtype = torch.bfloat16  # the talker's KV dtype on a GPU; fp32 would double it (never used there)
-    reserve = SlotTalker.kv_bytes(cfg.talker_config, slots, 2048, dtype) + SPEECH_WORKING_SET
+    blocks = plan_talker_blocks(cfg.talker_config, dtype, max_active=slots)
+    reserve = talker_kv_bytes(cfg.talker_config, blocks, DEFAULT_BLOCK_SIZE, dtype) + SPEECH_WORKING_SET
     share = config.gpu_memory_utilization - reserve / total_memory
     if share <= 0:
         raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the speech stage "
-                         f"({reserve / 2**30:.2f} GiB for {slots} talker slots); lower speech_slots or max_num_seqs")
-    log.info("KV budget: %.3f of GPU memory (%.2f GiB kept for %d talker slots and code2wav)", share, reserve / 2**30, slots)
+                         f"({reserve / 2**30:.2f} GiB for the talker KV of {slots} requests); lower speech_slots or max_num_seqs")
+    log.info("KV budget: %.3f of GPU memory (%.2f GiB kept for the talker KV of %d requests and code2wav)",
+             share, reserve / 2**30, slots)
     return replace(config, gpu_memory_utilization=share)
 
 

@@ -229,6 +229,10 @@ def serve(
     quantization: Optional[str] = QuantOpt,
     kv_backend: Optional[str] = typer.Option(None, help="contiguous | paged (default: the engine's)"),
     max_model_len: Optional[int] = typer.Option(None, min=16, help="context length (default: the model's)"),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, min=0.05, max=1.0, help="share of GPU memory for weights, activations and the KV cache"),
+    max_prefill_tokens: int = typer.Option(
+        16384, min=16, help="prompt tokens computed per step (longer prompts are chunked); smaller leaves more KV cache"),
     random_weights: bool = typer.Option(False, "--random-weights", hidden=True,
                                         help="full-size model with random weights (benchmarks; no checkpoint)"),
 ):
@@ -263,7 +267,8 @@ def serve(
         allow_remote_media=allow_remote_media, allowed_local_media_path=allowed_local_media_path,
         max_request_mb=max_request_mb, max_media_mb=max_media_mb, max_image_pixels=max_image_pixels,
         max_media_seconds=max_media_seconds, max_speech_s=max_speech_seconds, random_weights=random_weights, dtype=dtype, quantization=quantization,
-        kv_backend=kv_backend, max_model_len=max_model_len,
+        kv_backend=kv_backend, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        max_prefill_tokens=max_prefill_tokens,
     )
     raise typer.Exit(run_server(opts))
 

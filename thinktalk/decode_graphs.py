@@ -5,7 +5,8 @@ of host time against ~8 ms of GPU work (benchmarks/results/profile_decode_h200.t
 captured graph launches them all at once. A graph replays fixed tensors, so everything a step
 varies lives in static buffers that each step overwrites before the replay:
 
-    input_ids [B]      positions [3, B]      slot_mapping [B]  (where each new key/value goes)
+    input_ids [B]      positions [3, B]      slot_mapping [B]  (where each new key/value goes,
+                                                               and the talker's hidden state)
     block_tables [B, W]    context_lens [B]   (what each query attends to)
 
 where B is the largest graph's batch and W the block-table width of a max_model_len sequence.
@@ -48,11 +49,21 @@ class StaticDecodeAttention:
         self.num_splits = num_splits
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        k_cache, v_cache, slots = self.store_target(layer)
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        return self.attend_stored(layer, q, scale)
+
+    def store_target(self, layer: int):
+        """(k_cache, v_cache [slots, Hkv, D], slot_mapping): where this step's new keys and values
+        go; the layer's q/k kernel writes them there (kernels/rope.py), saving two copies a layer."""
         k_cache, v_cache = self.pool.k[layer], self.pool.v[layer]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
-        return self.pool.decode_fn(q, k_cache, v_cache, self.block_tables, self.context_lens, scale,
-                                   num_splits=self.num_splits)
+        return k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:]), self.slot_mapping
+
+    def attend_stored(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the new tokens once their keys and values are in the cache."""
+        return self.pool.decode_fn(q, self.pool.k[layer], self.pool.v[layer], self.block_tables, self.context_lens,
+                                   scale, num_splits=self.num_splits)
 
 
 class DecodeGraphs:
@@ -156,6 +167,8 @@ class DecodeGraphs:
                                    self.context_lens[:bucket], self.num_splits[bucket])
         embeds = self.thinker.embed(self.input_ids[:bucket])[0]
         hidden, captured = self.thinker(embeds, self.positions[:, :bucket], kv, None, self.capture_layers)
+        if self.pool.hidden is not None:  # the talker's layer, kept for prefix reuse (kv_cache.py)
+            self.pool.store_hidden(self.slot_mapping[:bucket], captured)
         return self.thinker.logits(hidden).float(), captured
 
     # -- capture ----------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ is the reference path, a growing tensor per request (`layers.attention.Contiguou
 `kv_backend="paged"` shares a preallocated paged cache in blocks, with admission bounded by free
 blocks, preemption by recompute and prefix reuse. Which tokens a step computes (admission, chunked
 prefill, preemption) is decided by scheduler.py, the same for both.
+
+A request that speaks keeps the thinker's hidden states the talker reads (`Request.capture`): the
+rows of the tokens a step computes, and, for a prefix reused from the cache, token embeddings plus
+the rows the paged pool kept for it (`_restore_hidden`, kv_cache.py). A multimodal prompt computed
+after a cached prefix (or in chunks) runs the audio and vision encoders only over the media items
+that the computed part holds (`_embed_prompt_rest`).
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decode_graphs import DecodeGraphs
+from .prefill_graphs import PrefillGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
+from .layers.mlp import GatedMLP, fuse_gate_up
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
 from .request import Request, Status
 from .sampler import sample_batch, top_logprobs
-from .scheduler import Batch, Scheduler, captured_tokens
+from .multimodal.items import item_of_token, items_from, select_items
+from .scheduler import Batch, Scheduler, captured_tokens, token_slice
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +74,18 @@ class EngineConfig:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
     max_graph_batch: int | None = None  # the largest graphed decode batch; None: max_num_seqs
+    # prefill and mixed steps as piecewise CUDA graphs with attention run eagerly between the
+    # pieces (prefill_graphs.py); None: where the decode graphs are. True off CUDA runs the pieces eagerly.
+    prefill_graphs: bool | None = None
+    max_prefill_graph_tokens: int = 4096  # steps with more tokens run eagerly
 
 
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
-    kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`)."""
+    kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
+    MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel)."""
+    from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
@@ -87,6 +102,9 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
         elif layers and isinstance(module, Attention):
             module.qk_kernel = qk_norm_rope
             fuse_qkv(module)
+        elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
+            if fuse_gate_up(module):
+                module.act_mul_kernel = silu_mul
 
 
 class Engine:
@@ -116,6 +134,7 @@ class Engine:
             self.max_model_len = min(self.max_model_len, self.block_manager.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.pool)
         self.decode_graphs = self._make_decode_graphs()
+        self.prefill_graphs = self._make_prefill_graphs()
         if on_cuda and (self.config.moe_kernel == "triton" or self.config.layer_kernels == "triton"):
             self.warm_up_kernels()
         self._mm_embeds: dict[str, tuple] = {}  # full-prompt embeddings of multimodal requests in prefill
@@ -174,13 +193,19 @@ class Engine:
             if captured:
                 self._keep_hidden(batch, captured)
             return logits
+        self._restore_hidden(batch)
         embeds, deepstack = self._embed(batch)
         kv = self.pool.backend(batch, self.device)
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
         positions = batch.positions.to(self.device, non_blocking=True)
-        hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
+        if self.prefill_graphs is not None and self.prefill_graphs.supports(embeds.shape[0], deepstack):
+            hidden, captured = self.prefill_graphs.run(embeds, positions, kv, capture)
+        else:
+            hidden, captured = self.thinker(embeds, positions, kv, deepstack, capture)
         if capture:
             self._keep_hidden(batch, captured)
+            if self.pool.hidden is not None:
+                self.pool.store_hidden(kv.slot_mapping, captured)
         last = torch.tensor(batch.new_lens).cumsum(0) - 1
         rows = last[torch.tensor(batch.sample, dtype=torch.bool)].to(self.device)
         return self.thinker.logits(hidden[rows]).float()
@@ -236,25 +261,63 @@ class Engine:
         prompt_len = len(req.prompt_ids)
         if start == 0 and n == prompt_len:
             return self.thinker.embed(ids, req.mm)
-        # a chunk or a suffix after a cached prefix: the encoders see the whole prompt once, the
-        # result is kept until the prompt is done
-        if req.request_id not in self._mm_embeds:
-            prompt = torch.tensor(req.prompt_ids, device=self.device)
-            self._mm_embeds[req.request_id] = self.thinker.embed(prompt, req.mm)
-        full, deep = self._mm_embeds[req.request_id]
+        # a chunk or a suffix after a cached prefix: the rest of the prompt is embedded once (the
+        # encoders see only the media it needs) and kept until the prompt is done
+        rest = self._mm_embeds.get(req.request_id)
+        if rest is None or rest[0] > start:  # none yet, or a recompute from further back
+            rest = self._mm_embeds[req.request_id] = self._embed_prompt_rest(req, start)
+        lo, full, deep = rest
         end = min(start + n, prompt_len)
-        e = full[start:end]
+        e = full[start - lo : end - lo]
         if end < start + n:  # generated tokens after the prompt (recompute after preemption)
             e = torch.cat([e, self.thinker.embed(ids[end - start :])[0]])
         if deep is None:
             return e, None
         mask = torch.zeros(n, dtype=torch.bool, device=self.device)
-        mask[: end - start] = deep[0][start:end]
-        first = int(deep[0][:start].sum())
+        mask[: end - start] = deep[0][start - lo : end - lo]
+        first = int(deep[0][: start - lo].sum())
         count = int(mask.sum())
         if count == 0:
             return e, None
         return e, (mask, [f[first : first + count] for f in deep[1]])
+
+    def _embed_prompt_rest(self, req: Request, start: int):
+        """(lo, embeddings of prompt tokens lo.., deepstack of those or None) for computing the
+        prompt from `start` on: only the media items with placeholders at or after `start` are
+        encoded (those wholly inside a cached prefix are not), and lo <= start is where the first of
+        them begins, so each is scattered whole. Without per-item digests: all of it, from 0."""
+        items = req.media_items
+        owner = item_of_token(req.prompt_ids, items) if items else None
+        lo, mm = 0, req.mm
+        if owner is not None:
+            lo, keep = items_from(owner, start)
+            if len(keep) < len(items):
+                mm = select_items(req.mm, items, keep)
+        prompt = torch.tensor(req.prompt_ids[lo:], device=self.device)
+        return (lo, *self.thinker.embed(prompt, mm))
+
+    def _restore_hidden(self, batch: Batch) -> None:
+        """Hidden states of a reused prefix for requests that speak (the talker reads every prompt
+        position; a cached prefix is not recomputed). Tokens kept..start-1 of a prefill row: layer
+        0 is the token embedding (what the talker reads of it, at text positions; at media
+        placeholders it holds the placeholder's embedding, which the talker never reads), the
+        captured layer comes from the pool's side tensor, read now while the request holds the
+        blocks. Only prefill rows can start past what was kept: admission adds one."""
+        if self.pool.hidden is None:
+            return
+        for req, start, _, prefill in zip(batch.requests, batch.starts, batch.new_lens, batch.prefill):
+            if not prefill or req.capture is None:
+                continue
+            kept = captured_tokens(req)
+            if kept >= start:
+                continue
+            for layer in req.capture:
+                if layer == 0:
+                    ids = torch.tensor(token_slice(req, kept, start), dtype=torch.long, device=self.device)
+                    rows = self.thinker.embed(ids)[0]
+                else:
+                    rows = self.pool.gather_hidden(req, kept, start)
+                req.capture[layer].append(rows)
 
     def _keep_hidden(self, batch: Batch, captured: dict[int, torch.Tensor]) -> None:
         offset = 0
@@ -276,13 +339,16 @@ class Engine:
         text = self.thinker.cfg.text_config
         dtype = next(self.thinker.parameters()).dtype
         head_dim = text.get("head_dim") or text.hidden_size // text.num_attention_heads
-        num_blocks = plan_num_blocks(cfg, text, dtype, self.device, self.max_model_len, profile=self._profile_prefill)
+        # the talker's hidden states of cached prefixes (kv_cache.py): only with prefix reuse
+        hidden_size = text.hidden_size if self.capture_layer is not None and cfg.enable_prefix_caching else 0
+        num_blocks = plan_num_blocks(cfg, text, dtype, self.device, self.max_model_len, profile=self._profile_prefill,
+                                     hidden_size=hidden_size)
         t = self.thinker.cfg
         return PagedPool(
             text.num_hidden_layers, num_blocks, cfg.block_size, text.num_key_value_heads, head_dim, dtype,
             self.device, cfg.enable_prefix_caching,
             placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
-            decode_attention=cfg.decode_attention,
+            decode_attention=cfg.decode_attention, hidden_size=hidden_size, hidden_layer=self.capture_layer,
         )
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
@@ -297,6 +363,18 @@ class Engine:
             raise ValueError("cuda_graphs needs kv_backend='paged'")
         capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
         graphs = DecodeGraphs(self.thinker, self.pool, cfg.max_graph_batch or cfg.max_num_seqs, self.max_model_len, capture)
+        graphs.capture_all()
+        return graphs
+
+    def _make_prefill_graphs(self) -> PrefillGraphs | None:
+        cfg = self.config
+        use = cfg.prefill_graphs
+        if use is None:
+            use = self.decode_graphs is not None and self.device.type == "cuda"
+        if not use:
+            return None
+        capture = tuple(sorted({0, self.capture_layer})) if self.capture_layer is not None else ()
+        graphs = PrefillGraphs(self.thinker.model, min(cfg.max_prefill_graph_tokens, cfg.max_prefill_tokens), capture)
         graphs.capture_all()
         return graphs
 

@@ -12,6 +12,17 @@ layers call. Two pools share that interface:
   prefill chunks through SDPA (only the uncached suffix is computed; the reused prefix is read
   from the cache) and all decode tokens through one paged-attention call: the Triton kernel on
   CUDA, its torch reference elsewhere (see kernels/paged_attention.py).
+
+Hidden states for the talker: a request that speaks needs, for every prompt position, the
+thinker's layer-0 embedding and its layer-`accept_hidden_layer` hidden state (speech.py), and
+a prefix found in the cache is not recomputed. So when the engine captures a layer (a talker is
+loaded) and prefix caching is on, the paged pool also holds `hidden` [num_blocks + 1, block_size,
+H], aligned with the KV blocks: the engine writes that layer's output of every token it computes
+into the token's slot (`store_hidden`; one index_copy per step, inside the decode CUDA graph too),
+and a speaking request admitted with a cached prefix reads its rows back (`gather_hidden`) while
+it holds the blocks. Layer 0 needs no such store: where the talker reads it (text positions) it is
+the token embedding, recomputed from the ids. The side tensor costs hidden_size / (2 x layers x
+kv_heads x head_dim) of the KV: 2,048 / 49,152 = 4% for the full model.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ class ContiguousPool:
     """Reference KV: a `SequenceKV` per request; unbounded."""
 
     block_manager = None
+    hidden = None  # no prefix reuse, so no hidden states to give back
 
     def admit(self, req: Request, max_cached: int | None = None, keep_free: int = 0) -> bool:
         req.kv = SequenceKV()
@@ -78,7 +90,11 @@ class PagedPool:
         enable_prefix_caching: bool = True,
         placeholder_ids: frozenset[int] = frozenset(),
         decode_attention: str = "auto",
+        hidden_size: int = 0,
+        hidden_layer: int | None = None,
     ):
+        """hidden_size > 0 (with hidden_layer, the captured layer whose states it keeps): hold
+        the side tensor of hidden states described in the module docstring."""
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.placeholder_ids = frozenset(placeholder_ids)
@@ -88,6 +104,8 @@ class PagedPool:
         shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.hidden_layer = hidden_layer if hidden_size else None
+        self.hidden = torch.zeros(num_blocks + 1, block_size, hidden_size, dtype=dtype, device=device) if hidden_size else None
         if decode_attention not in ("auto", "triton", "torch"):
             raise ValueError(f"decode_attention must be auto, triton or torch, not {decode_attention!r}")
         use_triton = decode_attention == "triton" or (decode_attention == "auto" and torch.device(device).type == "cuda")
@@ -136,6 +154,20 @@ class PagedPool:
 
     def backend(self, batch: Batch, device: torch.device) -> "PagedAttention":
         return PagedAttention(self, batch, device)
+
+    # -- hidden states for the talker ---------------------------------------------------------------
+    def store_hidden(self, slot_mapping: torch.Tensor, captured: dict[int, torch.Tensor]) -> None:
+        """Write the kept layer's hidden states of a step's tokens [N, H] into their slots [N]."""
+        if self.hidden is not None:
+            flat = self.hidden.view(-1, self.hidden.shape[-1])
+            flat.index_copy_(0, slot_mapping, captured[self.hidden_layer].to(flat.dtype))
+
+    def gather_hidden(self, req: Request, start: int, end: int) -> torch.Tensor:
+        """The kept layer's hidden states [end - start, H] of tokens start..end-1 of a request that
+        holds their blocks (read at admission: a block given back may be handed out again)."""
+        assert end <= req.kv.num_computed, "only computed tokens have hidden states"
+        slots = _slots(req.kv.block_table, start, end, self.block_size).to(self.hidden.device)
+        return self.hidden.view(-1, self.hidden.shape[-1])[slots]
 
     # -- helpers ------------------------------------------------------------------------------
     def _index_media(self, req: Request, seq: PagedSeq) -> None:
@@ -233,22 +265,29 @@ class PagedAttention:
 
 
 # -- sizing ---------------------------------------------------------------------------------------
-def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+def bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, hidden_size: int = 0
+) -> int:
+    """Keys and values of one block, plus its rows of the hidden-state side tensor when hidden_size > 0."""
+    return (2 * num_layers * num_kv_heads * head_dim + hidden_size) * block_size * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_num_blocks(config, text_cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, profile=None) -> int:
+def plan_num_blocks(
+    config, text_cfg, dtype: torch.dtype, device: torch.device, max_model_len: int, profile=None, hidden_size: int = 0
+) -> int:
     """How many blocks the paged cache gets.
 
     config.num_kv_blocks if set. On CUDA: what is left of gpu_memory_utilization x total memory
     after the weights (already loaded) and the activation peak of `profile()` (a dummy prefill of
     max_prefill_tokens, run by the engine). Elsewhere: cpu_kv_cache_gib. Never more than
-    max_num_seqs full-length requests need.
+    max_num_seqs full-length requests need. hidden_size > 0: each block also holds that many
+    values per token of the hidden-state side tensor (`PagedPool.hidden`).
     """
     if config.num_kv_blocks:
         return int(config.num_kv_blocks)
     head_dim = text_cfg.get("head_dim") or text_cfg.hidden_size // text_cfg.num_attention_heads
-    per_block = bytes_per_block(text_cfg.num_hidden_layers, config.block_size, text_cfg.num_key_value_heads, head_dim, dtype)
+    per_block = bytes_per_block(text_cfg.num_hidden_layers, config.block_size, text_cfg.num_key_value_heads, head_dim, dtype,
+                                hidden_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

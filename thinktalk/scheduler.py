@@ -12,7 +12,8 @@ request's last token yields logits to sample from.
   (the first one of a step regardless of its length).
 - A waiting request is admitted (first come, first served) when a decode seat is free and the
   pool has room for all its tokens; otherwise it waits. The pool may find a prefix of it already
-  cached; only the rest is computed.
+  cached; only the rest is computed (a request that speaks gets the talker's hidden states of
+  that prefix back from the pool, `PagedPool.gather_hidden`, done by the engine).
 - When a decoding request needs a new block and none is free, the most recently admitted request
   is preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed
   (prompt + generated tokens) when there is room; its full blocks usually survive in the prefix
@@ -140,7 +141,9 @@ class Scheduler:
             req = self.waiting[0]
             if prefills and not self.config.chunked_prefill and req.num_tokens > budget:
                 break
-            max_cached = captured_tokens(req) if req.capture is not None else None
+            # a request that speaks needs hidden states of every prompt token: a cached prefix is
+            # only of use where the pool keeps them too (else at most the rows it already kept)
+            max_cached = captured_tokens(req) if req.capture is not None and self.pool.hidden is None else None
             if not self.pool.admit(req, max_cached, keep_free=self.watermark if self.running else 0):
                 break  # no room in the KV cache: wait for blocks to free up
             self.waiting.popleft()

@@ -1,15 +1,24 @@
-"""Static-shape speech backends for the GPU: talker KV in slots, CUDA graphs per batch-size bucket.
+"""Static-shape speech backends for the GPU: the talker's KV paged like the thinker's, its decode
+step and each frame's code-predictor loop as CUDA graphs per batch-size bucket.
 
-* `SlotTalker` keeps every speaking request's talker KV in a static slot: per layer one tensor
-  [slots, kv_heads, capacity, head_dim]. Prefills run eagerly (packed, causal attention over the
-  prompt, as the reference); decode steps run over the slot range [0, bucket) as one CUDA graph per
-  bucket (graphs=True) or eagerly over the decoding slots (graphs=False). In a graph replay, slots
-  that do not decode this step compute a throw-away row: their key/value lands at their current
-  length, the position their next real token overwrites, and their outputs are not read.
-  Capacity grows by doubling when a request outgrows it (graphs are then captured again).
-  Memory: `kv_bytes` = 2 x layers x slots x kv_heads x capacity x head_dim x 2 bytes, 40 MiB per
-  slot at 2,048 tokens for the full talker; the slot count is the stage's max_active (Omni sizes
-  it to the engine's max_num_seqs), so a single-user setup holds one slot, not 64 (2.5 GiB).
+* `PagedTalker` keeps every speaking request's talker KV in a `kv_cache.PagedPool` (per layer one
+  K and one V tensor [num_blocks + 1, block_size, kv_heads, head_dim], the extra one being the
+  scratch block), shared out by `block_manager.BlockManager` without prefix caching (a talker
+  prompt is its request's own). The stage takes a request's blocks as it grows: its prompt's at
+  admission (admission is bounded by free blocks), then one more whenever a decode token starts
+  a new block; all of them go back at once when it finishes or is cancelled. Memory is what the
+  pool was given, whatever the number of requests: 20 KiB per token for the full talker in bf16
+  (2 x 20 layers x 2 kv heads x 128 x 2 bytes), 40 MiB per 2,048 tokens; by default 2,048 tokens
+  per request allowed to speak at once, at least 8,192 (`plan_talker_blocks`).
+  Prefills run eagerly through the thinker's `PagedAttention` (packed, causal over the prompt,
+  written into the request's blocks). Decode steps run through `TalkerDecodeSteps`, the pattern
+  of decode_graphs.py: persistent buffers (input embeddings, positions, slot mapping, block
+  tables, context lengths) overwritten before each step, one CUDA graph per batch bucket replayed
+  over them (captured once: no capacity to outgrow, nothing to re-capture); padding rows of a
+  bucket write and read the scratch block; the paged-attention split count is fixed per bucket.
+  Off CUDA the same buffers run eagerly (what the CPU tests compare with the reference backend).
+  graphs=False (backend "paged") skips the buffers: prefill and decode rows go through one eager
+  `PagedAttention` forward, like the thinker's eager step.
 * `GraphPredictor` runs a frame's 15 code-predictor steps (`speech_stage.predict_frame_static`)
   as one CUDA graph per bucket and sampling mode (greedy / with noise), or eagerly (graphs=False,
   which is how the CPU tests exercise the graph body).
@@ -25,14 +34,25 @@ import bisect
 import logging
 
 import torch
-import torch.nn.functional as F
 
-from .layers.attention import causal_attention
+from .block_manager import SeqBlocks
+from .decode_graphs import StaticDecodeAttention, buckets_up_to
+from .kernels import paged_attention as pa
+from .kv_cache import PagedAttention, PagedPool, bytes_per_block
+from .scheduler import Batch
 from .speech_stage import ResidualPick, StaticFrameKV, predict_frame_static, predictor_positions, to_device
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+DEFAULT_BLOCK_SIZE = 16
+# the default pool: this many tokens per request allowed to speak at once (the old slot capacity),
+# but shared, so one long answer may use what short ones leave; and never less than MIN_POOL_TOKENS,
+# so that even a single-user setup speaks after a long prompt (every user turn's positions are in
+# the talker's prompt): 160 MiB for the full talker in bf16
+TOKENS_PER_REQUEST = 2048
+MIN_POOL_TOKENS = 8192
+DEFAULT_MAX_BATCH = 64  # graphed decode batch when the stage sets no max_active
 
 
 def _head_dim(cfg) -> int:
@@ -44,7 +64,7 @@ def bucket_for(n: int, buckets=BUCKETS) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
-def _warm_and_capture(body, warmups: int = 2):
+def _warm_and_capture(body, warmups: int = 2, pool=None):
     """Run `body` a few times on a side stream, then capture it; returns (graph, outputs)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -53,215 +73,279 @@ def _warm_and_capture(body, warmups: int = 2):
             body()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = body()
     return graph, out
 
 
-# -- talker KV in slots -------------------------------------------------------------------------
-class SlotPrefill:
-    """Attention backend of a packed prefill: each sequence starts at position 0 of its slot."""
-
-    def __init__(self, pool: "SlotTalker", slots: list[int], new_lens: list[int]):
-        self.pool, self.slots, self.new_lens = pool, slots, new_lens
-
-    def attend(self, layer, q, k, v, scale):
-        keys, values = self.pool.k[layer], self.pool.v[layer]
-        outs, start = [], 0
-        for slot, n in zip(self.slots, self.new_lens):
-            end = start + n
-            keys[slot, :, :n] = k[start:end].transpose(0, 1)
-            values[slot, :, :n] = v[start:end].transpose(0, 1)
-            outs.append(causal_attention(q[start:end], k[start:end], v[start:end], scale))
-            start = end
-        return torch.cat(outs)
+# -- sizing -------------------------------------------------------------------------------------
+def talker_block_bytes(talker_cfg, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one talker KV block (K and V, every layer); talker_cfg: the checkpoint's talker_config."""
+    text = talker_cfg.text_config
+    return bytes_per_block(text.num_hidden_layers, block_size, text.num_key_value_heads, _head_dim(text), dtype)
 
 
-class SlotDecode:
-    """Attention backend of one decode token per row. rows: slot ids [B] (eager) or None (slots
-    [0, B), the graph's layout); write_pos [B]: where each row's key/value goes (= its length)."""
-
-    def __init__(self, pool: "SlotTalker", rows: torch.Tensor | None, write_pos: torch.Tensor):
-        self.pool, self.rows, self.write_pos = pool, rows, write_pos
-        b = write_pos.shape[0]
-        self.index = torch.arange(b, device=write_pos.device) if rows is None else rows
-        cap = pool.capacity
-        self.mask = (torch.arange(cap, device=write_pos.device)[None, :] <= write_pos[:, None])[:, None, None, :]
-
-    def attend(self, layer, q, k, v, scale):
-        keys, values = self.pool.k[layer], self.pool.v[layer]
-        b, hq, d = q.shape
-        hkv = k.shape[1]
-        keys[self.index, :, self.write_pos] = k
-        values[self.index, :, self.write_pos] = v
-        if self.rows is None:
-            kb, vb = keys[:b], values[:b]
-        else:
-            kb, vb = keys.index_select(0, self.rows), values.index_select(0, self.rows)
-        # the query heads sharing a kv head ride along the query-length axis: no repeated keys
-        qg = q.view(b, hkv, hq // hkv, d)
-        out = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=self.mask, scale=scale)
-        return out.reshape(b, hq, d)
+def talker_kv_bytes(talker_cfg, num_blocks: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes the talker's pool allocates for `num_blocks` blocks (the scratch block included)."""
+    return (num_blocks + 1) * talker_block_bytes(talker_cfg, block_size, dtype)
 
 
-class SlotTalker:
-    """Talker backend with static slot KV (see module docstring)."""
+def plan_talker_blocks(talker_cfg, dtype: torch.dtype, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                       num_blocks: int | None = None, gib: float | None = None,
+                       max_active: int | None = None) -> int:
+    """Blocks of the talker's pool: `num_blocks` if given, else as many as `gib` GiB hold, else
+    TOKENS_PER_REQUEST per request speaking at once (max_active, default DEFAULT_MAX_BATCH), at
+    least MIN_POOL_TOKENS."""
+    if num_blocks is not None:
+        blocks = int(num_blocks)
+    elif gib is not None:
+        blocks = int(gib * 2**30 // talker_block_bytes(talker_cfg, block_size, dtype))
+    else:
+        tokens = max((max_active or DEFAULT_MAX_BATCH) * TOKENS_PER_REQUEST, MIN_POOL_TOKENS)
+        blocks = -(-tokens // block_size)
+    if blocks < 1:
+        raise ValueError(f"the talker's KV pool needs at least one block (got {blocks}; num_blocks={num_blocks}, gib={gib})")
+    return blocks
 
-    def __init__(self, talker, num_slots: int = 64, capacity: int = 2048, *, graphs: bool = True):
-        if num_slots < 1 or capacity < 1:
-            raise ValueError(f"SlotTalker needs at least one slot and one token, got {num_slots} x {capacity}")
-        self.talker = talker
-        text = talker.cfg.text_config
-        self.num_layers = text.num_hidden_layers
-        self.kv_heads = text.num_key_value_heads
-        self.head_dim = _head_dim(text)
-        self.hidden_size = text.hidden_size
-        self.device = talker.codec_head.weight.device
-        self.dtype = talker.codec_head.weight.dtype
-        self.num_slots = num_slots
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self._grow(capacity)
-        log.info("talker KV: %d slots x %d tokens (%.0f MiB)", num_slots, capacity,
-                 self.kv_bytes(talker.cfg, num_slots, capacity, self.dtype) / 2**20)
-        self.lengths = [0] * num_slots
-        self.free = list(range(num_slots))  # kept sorted: the lowest slot first keeps buckets small
-        self.graphs_on = graphs and self.device.type == "cuda"
-        if self.graphs_on:
-            from .engine import use_triton_kernels
-            from .kernels.common import available
 
-            if not available(self.device):
-                self.graphs_on = False
-            else:
-                use_triton_kernels(talker, moe=True, layers=True)
-        self._graphs: dict[int, dict] = {}
+# -- the talker's decode step through static buffers ----------------------------------------------
+class TalkerDecodeSteps:
+    """One decode token per speaking request through persistent buffers, a CUDA graph per bucket.
 
-    @staticmethod
-    def kv_bytes(talker_cfg, num_slots: int, capacity: int, dtype: torch.dtype) -> int:
-        """Bytes of the slot KV for `num_slots` slots of `capacity` tokens (talker_config given)."""
-        text = talker_cfg.text_config
-        per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * _head_dim(text)
-        return per_token * num_slots * capacity * torch.empty((), dtype=dtype).element_size()
+    The talker's counterpart of decode_graphs.DecodeGraphs: the inputs are embeddings (the last
+    frame's summed codec embedding + trailing text), not token ids, and the outputs are the final
+    hidden states (the code predictor reads them) and the first-codebook logits.
 
-    # -- slots ------------------------------------------------------------------------------------
-    def open(self, job) -> bool:
-        if not self.free:
-            return False
-        job.kv = self.free.pop(0)
-        self.lengths[job.kv] = 0
-        return True
+        embeds [B, H]   positions [3, B]   slot_mapping [B]   block_tables [B, W]   context_lens [B]
 
-    def close(self, job) -> None:
-        slot = job.kv
-        job.kv = None
-        self.lengths[slot] = 0
-        bisect.insort(self.free, slot)
+    W is the most blocks one request may hold (`PagedTalker.table_width`).
+    """
 
-    def kv_tokens(self, job) -> int:
-        return self.lengths[job.kv]
-
-    def _grow(self, capacity: int) -> None:
-        if capacity <= self.capacity:
-            return
-        shape = (self.num_slots, self.kv_heads, capacity, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        for old, new in zip(self.k + self.v, new_k + new_v):
-            new[:, :, : self.capacity] = old
-        self.k, self.v, self.capacity = new_k, new_v, capacity
-        self._graphs = {}  # they point at the old tensors
-
-    def _ensure(self, length: int) -> None:
-        if length > self.capacity:
-            cap = self.capacity
-            while cap < length:
-                cap *= 2
-            self._grow(cap)
-
-    # -- forward ----------------------------------------------------------------------------------
-    def forward(self, prefill, decode, dec_embeds, dec_positions):
-        hiddens, logits = [], []
-        if prefill:
-            slots = [j.kv for j in prefill]
-            new_lens = [j.prompt.embeds.shape[0] for j in prefill]
-            self._ensure(max(new_lens) + 1)
-            embeds = torch.cat([j.prompt.embeds for j in prefill])
-            positions = torch.cat([j.prompt.positions.to(torch.float32) for j in prefill], dim=1)
-            hidden = self.talker(embeds, positions, SlotPrefill(self, slots, new_lens))
-            last, total = [], 0
-            for n in new_lens:
-                total += n
-                last.append(total - 1)
-            hidden = hidden.index_select(0, to_device(last, torch.long, self.device))
-            hiddens.append(hidden)
-            logits.append(self.talker.logits(hidden).float())
-            for slot, n in zip(slots, new_lens):
-                self.lengths[slot] = n
-        if decode:
-            slots = [j.kv for j in decode]
-            self._ensure(max(self.lengths) + 1)
-            bucket = self.bucket(max(slots) + 1)
-            if self.graphs_on and bucket is not None:
-                h, lg = self._decode_graph(bucket, slots, dec_embeds, dec_positions)
-            else:
-                rows = to_device(slots, torch.long, self.device)
-                wpos = to_device([self.lengths[s] for s in slots], torch.long, self.device)
-                h = self.talker(dec_embeds, dec_positions, SlotDecode(self, rows, wpos))
-                lg = self.talker.logits(h).float()
-            hiddens.append(h)
-            logits.append(lg)
-            for slot in slots:
-                self.lengths[slot] += 1
-        return torch.cat(hiddens), torch.cat(logits)
+    def __init__(self, talker, pool: PagedPool, max_batch: int, width: int, use_graphs: bool):
+        self.talker, self.pool = talker, pool
+        self.device = pool.k[0].device
+        self.use_graphs = use_graphs
+        self.buckets = buckets_up_to(max_batch)
+        self.max_batch = max_batch
+        bs, scratch = pool.block_size, pool.scratch_block
+        dev = self.device
+        hidden = talker.cfg.text_config.hidden_size
+        self.embeds = torch.zeros(max_batch, hidden, dtype=pool.k[0].dtype, device=dev)
+        self.positions = torch.zeros(3, max_batch, dtype=torch.float32, device=dev)
+        self.slot_mapping = torch.full((max_batch,), scratch * bs, dtype=torch.long, device=dev)
+        self.block_tables = torch.full((max_batch, width), scratch, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        # host staging (pinned on CUDA so the copies are asynchronous)
+        pin = dev.type == "cuda"
+        self._rows = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pin)  # slot, context len
+        self._pos = torch.zeros(3, max_batch, dtype=torch.float32, pin_memory=pin)
+        self._tables = torch.zeros(max_batch, width, dtype=torch.int32, pin_memory=pin)
+        self._rows_np, self._pos_np, self._tables_np = self._rows.numpy(), self._pos.numpy(), self._tables.numpy()
+        # which sequence's block table each staging row holds and how many entries of it: a request
+        # usually keeps its row from step to step, so only its newest entries are written
+        self._row_owner: list[tuple[object, int]] = [(None, 0)] * max_batch
+        kv_heads = pool.k[0].shape[2]
+        # the split count of each bucket's paged-attention grid (fixed: it is part of the graph)
+        fixed = dev.type == "cuda" and pa.available(dev)
+        self.num_splits = {b: (pa._num_splits(b, kv_heads, width * bs, 64, dev) if fixed else None) for b in self.buckets}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.mempool = None
+        self.steps = 0  # decode steps run through the buffers (graphed or not)
 
     def bucket(self, rows: int) -> int | None:
-        """The graph batch size that covers slots [0, rows)."""
-        return bucket_for(rows, tuple(b for b in BUCKETS if b < self.num_slots) + (self.num_slots,))
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def run(self, seqs: list[SeqBlocks], embeds: torch.Tensor, positions: list[float]):
+        """Hidden states [n, H] and logits [n, V] (float32) of one decode token per sequence; each
+        sequence's blocks must already hold its new token (`num_computed` is where it goes)."""
+        n = len(seqs)
+        bucket = self.bucket(n)
+        self._fill(seqs, positions, bucket)
+        self.embeds[:n].copy_(embeds.to(self.embeds.dtype))
+        self.steps += 1
+        if self.use_graphs and bucket not in self.graphs:
+            self._capture(bucket)
+        if bucket in self.graphs:
+            graph, hidden, logits = self.graphs[bucket]
+            graph.replay()
+        else:
+            hidden, logits = self._forward(bucket)
+        return hidden[:n], logits[:n]
+
+    def _fill(self, seqs: list[SeqBlocks], positions: list[float], bucket: int) -> None:
+        n = len(seqs)
+        bs = self.pool.block_size
+        rows, tables = self._rows_np, self._tables_np
+        self._pos_np[:, :n] = positions
+        width = 1
+        for i, seq in enumerate(seqs):
+            start, table = seq.num_computed, seq.block_table
+            used = start // bs + 1
+            owner, written = self._row_owner[i]
+            if owner is not seq or written > used:
+                written = 0
+            tables[i, written:used] = table[written:used]
+            self._row_owner[i] = (seq, used)
+            rows[0, i] = table[start // bs] * bs + start % bs
+            rows[1, i] = start + 1
+            width = max(width, used)
+        self._stage_padding(n, bucket)
+        self._upload(bucket, width)
+
+    def _stage_padding(self, first: int, bucket: int) -> None:
+        """Staging rows first..bucket-1 become padding: position 0, writing and reading the scratch
+        block (their embeddings are whatever the buffer holds: any finite row will do)."""
+        scratch, bs = self.pool.scratch_block, self.pool.block_size
+        self._pos_np[:, first:bucket] = 0
+        self._rows_np[0, first:bucket] = scratch * bs
+        self._rows_np[1, first:bucket] = 1
+        self._tables_np[first:bucket, 0] = scratch
+        for i in range(first, bucket):
+            self._row_owner[i] = (None, 0)
+
+    def _upload(self, bucket: int, width: int) -> None:
+        nb = self.device.type == "cuda"
+        self.positions[:, :bucket].copy_(self._pos[:, :bucket], non_blocking=nb)
+        self.slot_mapping[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
+        self.context_lens[:bucket].copy_(self._rows[1, :bucket], non_blocking=nb)
+        self.block_tables[:bucket, :width].copy_(self._tables[:bucket, :width], non_blocking=nb)
+
+    def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = StaticDecodeAttention(self.pool, self.slot_mapping[:bucket], self.block_tables[:bucket],
+                                   self.context_lens[:bucket], self.num_splits[bucket])
+        hidden = self.talker(self.embeds[:bucket], self.positions[:, :bucket], kv)
+        return hidden, self.talker.logits(hidden).float()
+
+    # -- capture ----------------------------------------------------------------------------------
+    def warm(self, rows: int) -> None:
+        """Capture the graph that serves `rows` requests (start-up, nothing speaking): every row of
+        the bucket is padding, so the warm-up and capture runs touch only the scratch block."""
+        bucket = self.bucket(rows)
+        if not self.use_graphs or bucket is None or bucket in self.graphs:
+            return
+        self._stage_padding(0, bucket)
+        self._upload(bucket, 1)
+        self._capture(bucket)
+
+    @torch.inference_mode()
+    def _capture(self, bucket: int) -> None:
+        # the buffers hold the current batch (or padding): warm-up and capture write only the slots
+        # they name, which the replay of this very step writes next anyway
+        try:
+            if self.mempool is None:
+                self.mempool = torch.cuda.graph_pool_handle()
+            graph, (hidden, logits) = _warm_and_capture(lambda: self._forward(bucket), pool=self.mempool)
+            self.graphs[bucket] = (graph, hidden, logits)
+        except Exception as exc:  # noqa: BLE001 - e.g. a talker MoE kernel that syncs: run eagerly
+            log.warning("talker decode CUDA graph for batch %d not captured (%r); decoding eagerly", bucket, exc)
+            self.use_graphs = False
+            self.graphs = {}
+            torch.cuda.synchronize(self.device)
+
+
+# -- talker KV in blocks ------------------------------------------------------------------------
+class PagedTalker:
+    """Talker backend with paged KV (see the module docstring). The stage calls, per request:
+    `fits` / `open` at admission, `reserve` before each forward that adds tokens, `close` at the end."""
+
+    preemptible = True  # the stage may free a request's blocks and recompute them later
+
+    def __init__(self, talker, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, graphs: bool = True, decode_attention: str = "auto"):
+        self.talker = talker
+        text = talker.cfg.text_config
+        self.device = talker.codec_head.weight.device
+        self.dtype = talker.codec_head.weight.dtype
+        triton_ok = pa.available(self.device) and self.device.type == "cuda"
+        use_graphs = graphs and triton_ok
+        if use_graphs:
+            from .engine import use_triton_kernels
+
+            use_triton_kernels(talker, moe=True, layers=True)
+        if decode_attention == "auto" and not triton_ok:
+            decode_attention = "torch"  # e.g. CUDA without triton: the reference decode attention
+        self.pool = PagedPool(text.num_hidden_layers, num_blocks, block_size, text.num_key_value_heads,
+                              _head_dim(text), self.dtype, self.device, enable_prefix_caching=False,
+                              decode_attention=decode_attention)
+        self.block_manager = self.pool.block_manager
+        self.block_size = block_size
+        # the most blocks one request may hold: the whole pool, or what the talker's positions reach
+        max_len = text.get("max_position_embeddings") or num_blocks * block_size
+        self.table_width = min(num_blocks, -(-max_len // block_size))
+        log.info("talker KV: %d blocks of %d tokens (%.0f MiB)", num_blocks, block_size,
+                 talker_kv_bytes(talker.cfg, num_blocks, block_size, self.dtype) / 2**20)
+        self.steps = TalkerDecodeSteps(talker, self.pool, max_batch, self.table_width, use_graphs) if graphs else None
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a request could ever hold num_tokens (the whole pool, at most `table_width` blocks)."""
+        return self.block_manager.blocks_for(num_tokens) <= self.table_width
+
+    def open(self, job, num_tokens: int, keep_free: int = 0) -> bool:
+        """Blocks for the request's first num_tokens, leaving keep_free blocks free; False: no room."""
+        if not self.block_manager.can_allocate(num_tokens, keep_free=keep_free):
+            return False
+        seq = SeqBlocks()
+        self.block_manager.allocate(seq, num_tokens)
+        job.kv = seq
+        return True
+
+    def reserve(self, job, num_tokens: int) -> bool:
+        """Room for the request to hold num_tokens in all; False (nothing taken) when no block is free."""
+        return self.block_manager.append(job.kv, num_tokens)
+
+    def close(self, job) -> None:
+        self.block_manager.free_seq(job.kv)
+        job.kv = None
+
+    def kv_tokens(self, job) -> int:
+        return job.kv.num_computed
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, prefills, decode, dec_embeds, dec_positions):
+        """prefills: (job, embeds [L, H], positions [3, L]) each, computed from position 0; decode:
+        jobs taking one token each (dec_embeds [D, H], dec_positions: D floats).
+        Returns (hidden [P + D, H], logits [P + D, V] float32) of each request's last new token."""
+        static = self.steps is not None and decode and self.steps.bucket(len(decode)) is not None
+        eager_decode = [] if static else decode
+        hiddens, logits = [], []
+        if prefills or eager_decode:
+            h = self._eager(prefills, eager_decode, dec_embeds if eager_decode else None, dec_positions)
+            hiddens.append(h)
+            logits.append(self.talker.logits(h).float())
+        if static:
+            h, lg = self.steps.run([j.kv for j in decode], dec_embeds, dec_positions)
+            hiddens.append(h)
+            logits.append(lg)
+        for job, embeds, _ in prefills:
+            job.kv.num_computed = embeds.shape[0]
+        for job in decode:
+            job.kv.num_computed += 1
+        return torch.cat(hiddens), torch.cat(logits)
+
+    def _eager(self, prefills, decode, dec_embeds, dec_positions) -> torch.Tensor:
+        """One packed forward through `PagedAttention`: prefills first, then decode rows."""
+        jobs = [j for j, _, _ in prefills] + list(decode)
+        new_lens = [e.shape[0] for _, e, _ in prefills] + [1] * len(decode)
+        starts = [0] * len(prefills) + [j.kv.num_computed for j in decode]
+        prefill = [True] * len(prefills) + [False] * len(decode)
+        batch = Batch(jobs, starts, new_lens, prefill, [True] * len(jobs))
+        embeds = [e.to(self.dtype) for _, e, _ in prefills]
+        positions = [p.to(torch.float32) for _, _, p in prefills]
+        if decode:
+            embeds.append(dec_embeds.to(self.dtype))
+            positions.append(to_device(dec_positions, torch.float32, self.device)[None].expand(3, -1))
+        hidden = self.talker(torch.cat(embeds), torch.cat(positions, dim=1), PagedAttention(self.pool, batch, self.device))
+        last, total = [], 0
+        for n in new_lens:
+            total += n
+            last.append(total - 1)
+        return hidden.index_select(0, to_device(last, torch.long, self.device))
 
     def warm(self, rows: int) -> None:
         """Capture the decode graph that serves `rows` speaking requests (start-up, nothing speaking)."""
-        bucket = self.bucket(rows)
-        if self.graphs_on and bucket is not None and bucket not in self._graphs:
-            self._capture(bucket)
-
-    def _decode_graph(self, bucket: int, slots: list[int], embeds: torch.Tensor, positions: torch.Tensor):
-        entry = self._graphs.get(bucket)
-        if entry is None:
-            try:
-                entry = self._capture(bucket)
-            except Exception as exc:  # noqa: BLE001 - e.g. a talker MoE kernel that syncs: run eagerly
-                log.warning("talker decode CUDA graph capture failed (%r); decoding eagerly", exc)
-                self.graphs_on = False
-                self._graphs = {}
-                rows = to_device(slots, torch.long, self.device)
-                wpos = to_device([self.lengths[s] for s in slots], torch.long, self.device)
-                h = self.talker(embeds, positions, SlotDecode(self, rows, wpos))
-                return h, self.talker.logits(h).float()
-        rows = to_device(slots, torch.long, self.device)
-        entry["wpos"].copy_(to_device(self.lengths[:bucket], torch.long, self.device), non_blocking=True)
-        entry["embeds"].index_copy_(0, rows, embeds.to(self.dtype))
-        entry["positions"].index_copy_(1, rows, positions.to(torch.float32))
-        entry["graph"].replay()
-        return entry["hidden"].index_select(0, rows), entry["logits"].index_select(0, rows)
-
-    def _capture(self, bucket: int) -> dict:
-        entry = {
-            "embeds": torch.zeros(bucket, self.hidden_size, dtype=self.dtype, device=self.device),
-            "positions": torch.zeros(3, bucket, dtype=torch.float32, device=self.device),
-            "wpos": torch.zeros(bucket, dtype=torch.long, device=self.device),
-        }
-        # warm-up writes land at the current lengths of live slots: overwritten by their next token
-        entry["wpos"].copy_(torch.tensor(self.lengths[:bucket], dtype=torch.long))
-
-        def body():
-            hidden = self.talker(entry["embeds"], entry["positions"], SlotDecode(self, None, entry["wpos"]))
-            return hidden, self.talker.logits(hidden).float()
-
-        entry["graph"], (entry["hidden"], entry["logits"]) = _warm_and_capture(body)
-        self._graphs[bucket] = entry
-        return entry
+        if self.steps is not None:
+            self.steps.warm(rows)
 
 
 # -- the code predictor -------------------------------------------------------------------------

@@ -44,9 +44,23 @@ predictor fills the 15 residual codebooks of every frame of the batch at once. O
 the host per step tells which requests hit codec_eos; everything else stays on the device.
 
 Backends: on CPU the talker uses the reference `ContiguousKV` (a SequenceKV per request) and the
-predictor the plain loop (`predict_residual_codes`). On CUDA (`speech_graphs.py`) the talker keeps
-its KV in static per-request slots (decode CUDA-graphed per batch-size bucket) and each frame's
-15-step predictor loop is one CUDA graph per batch-size bucket.
+predictor the plain loop (`predict_residual_codes`). On CUDA (`speech_graphs.py`, backend "graphs")
+the talker's KV is paged like the thinker's (a `PagedPool` of blocks, taken as a request grows and
+freed when it ends), its decode step is one CUDA graph per batch-size bucket replayed over static
+buffers, and each frame's 15-step predictor loop is one CUDA graph per batch-size bucket. Backend
+"paged" is the same pool with eager steps.
+
+Talker KV blocks (paged backends): a request is admitted (starts holding KV) when the pool has
+blocks for its talker prompt, with a block to spare per request already holding KV, and while no
+request waits for a block. A prefill or decode token that needs a block when none is free waits
+(the request skips the step, older requests take free blocks first). Only when nothing at all can
+run, every request able to run waiting for a block, is the most recently admitted request
+preempted: its blocks are freed and it goes back to the head of the queue; when readmitted, its
+prompt and the decode inputs it was fed (rebuilt from its frames' codes and its trailing text) are
+recomputed in one prefill, then it goes on from its next frame. Its earlier audio is unchanged;
+the recomputed keys come from a prefill instead of decode steps, so its later codes may differ
+from the reference by float rounding. A request that alone outgrows the whole pool (or the
+talker's positions, 65,536 for the full model) ends with finish_reason "length".
 
 Sampling: greedy requests (the thinker's own sampling is greedy) take argmax everywhere. Sampled
 requests draw with exponential noise (argmax of probs / E, E ~ Exp(1): the same distribution as a
@@ -62,17 +76,20 @@ length and every new conv shape costs ~1 s of set-up once, so `warmup()` decodes
 start-up and a request's last chunk is padded to a schedule size (then cut: exact). Chunks go to the
 request's `on_chunk` callback and come back from `step()`.
 
-Measured on an H200 (benchmarks/bench_speech.py, full-size random weights, bf16): per frame at one
-request, talker decode 5.5 ms, code predictor 11.6 ms (5.2 ms with compile_predictor), code2wav
-3 ms; transformers' generate takes 111 + 130 ms for the same two.
+Measured on an H200 (benchmarks/bench_speech.py, full-size random weights, bf16), with the talker's
+KV still in static per-request slots (before it was paged): per frame at one request, talker
+decode 5.5 ms, code predictor 11.6 ms (5.2 ms with compile_predictor), code2wav 3 ms;
+transformers' generate takes 111 + 130 ms for the same two.
 
 Cancel: `cancel(request_id)`, or the engine aborting the request (`finish_reason == "abort"`),
-stops the request at the start of the next step and frees its talker KV; its last chunk event is
-empty with finish_reason "abort".
+stops the request at the start of the next step and frees its talker KV (on the paged backends
+every block it held goes back to the pool then); its last chunk event is empty with finish_reason
+"abort".
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,11 +104,14 @@ from .models.code2wav import Code2WavStream
 from .models.talker import talker_step
 from .request import Request
 from .sampler import filter_logits
-from .speech import TalkerSampling, _assistant_start, build_talker_inputs, speaker_id, suppressed_codec_ids
+from .speech import TalkerSampling, _assistant_start, _user_mask, build_talker_inputs, speaker_id, suppressed_codec_ids
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
 MAX_FINISHED = 1024  # finished jobs kept for `pop`
 DEFAULT_SCHEDULE = (4, 8, 16, 32, 50)  # frames per code2wav chunk: first small, then doubling
+ASSISTANT_PART = 9  # talker prompt positions after the user part (speech.build_talker_inputs)
 
 
 def to_device(values, dtype, device) -> torch.Tensor:
@@ -218,13 +238,25 @@ def predict_frame_static(talker, hidden: torch.Tensor, first_code: torch.Tensor,
 
 # -- talker backends ----------------------------------------------------------------------------
 class ContiguousTalker:
-    """Reference talker backend: a growing SequenceKV per request, one packed eager forward."""
+    """Reference talker backend: a growing SequenceKV per request, one packed eager forward; never full.
+
+    The interface every talker backend has (speech_graphs.PagedTalker is the other): `fits`, `open`
+    and `reserve` say whether there is room (here always), `close` frees, `forward` computes."""
+
+    preemptible = False
 
     def __init__(self, talker):
         self.talker = talker
+        self.device = talker.codec_head.weight.device
 
-    def open(self, job: "SpeechJob") -> bool:
+    def fits(self, num_tokens: int) -> bool:
+        return True
+
+    def open(self, job: "SpeechJob", num_tokens: int, keep_free: int = 0) -> bool:
         job.kv = SequenceKV()
+        return True
+
+    def reserve(self, job: "SpeechJob", num_tokens: int) -> bool:
         return True
 
     def close(self, job: "SpeechJob") -> None:
@@ -233,15 +265,16 @@ class ContiguousTalker:
     def kv_tokens(self, job: "SpeechJob") -> int:
         return job.kv.length if job.kv is not None else 0
 
-    def forward(self, prefill: list["SpeechJob"], decode: list["SpeechJob"], dec_embeds, dec_positions):
-        """Prefills (whole talker prompts) then one token per decoding job -> (hidden [B, H], logits [B, V])."""
-        embeds = [j.prompt.embeds for j in prefill]
-        positions = [j.prompt.positions.to(torch.float32) for j in prefill]
+    def forward(self, prefills, decode: list["SpeechJob"], dec_embeds, dec_positions):
+        """prefills: (job, embeds [L, H], positions [3, L]) each, from position 0; decode: one token
+        per job (dec_embeds [D, H], dec_positions: D floats) -> (hidden [B, H], logits [B, V])."""
+        embeds = [e for _, e, _ in prefills]
+        positions = [p.to(torch.float32) for _, _, p in prefills]
         if decode:
             embeds.append(dec_embeds)
-            positions.append(dec_positions)
-        new_lens = [j.prompt.embeds.shape[0] for j in prefill] + [1] * len(decode)
-        kv = ContiguousKV([j.kv for j in prefill + decode], new_lens)
+            positions.append(to_device(dec_positions, torch.float32, self.device)[None].expand(3, -1))
+        new_lens = [e.shape[0] for _, e, _ in prefills] + [1] * len(decode)
+        kv = ContiguousKV([j.kv for j, _, _ in prefills] + [j.kv for j in decode], new_lens)
         return talker_step(self.talker, torch.cat(embeds), torch.cat(positions, dim=1), kv, new_lens)
 
 
@@ -270,8 +303,11 @@ class SpeechJob:
     on_chunk: Callable[[SpeechChunk], None] | None
     assistant_start: int
     groups: int = 16  # codebooks per frame
+    talker_len: int = 0  # length of the talker prompt (known from the thinker prompt's ids)
     state: str = WAITING
-    kv: object = None  # backend state (SequenceKV, or a slot index)
+    kv: object = None  # backend state (SequenceKV, or block_manager.SeqBlocks); None: holds no KV
+    order: int = 0  # admission order (the most recent is preempted first)
+    replay: bool = False  # preempted after its prefill: recompute its KV when readmitted
     prompt: object = None  # speech.TalkerPrompt of the prefill
     prefill_len: int = 0
     trail: list = field(default_factory=list)  # projected text rows a_4, a_5, ... known fed
@@ -317,10 +353,14 @@ class SpeechStage:
     eos_token_ids: the thinker's stop ids (the engine's), for the reference's tts_eos rule.
     sampling: talker / predictor sampling settings (greedy per request from its own sampling).
     schedule: code2wav frames per chunk (first, second, then repeating).
-    backend: "auto" (CUDA: static slots + CUDA graphs; else the reference contiguous path),
-    "contiguous", "slots" (static slots, eager) or "graphs".
-    max_active: requests speaking at once (others wait for a place); None: no limit (contiguous)
-    or the slot count.
+    backend: "auto" (CUDA: "graphs"; else "contiguous"), "contiguous" (the reference: a growing
+    KV per request), "paged" (talker KV in blocks, eager) or "graphs" (paged, decode and predictor
+    as CUDA graphs on CUDA; run eagerly through the same static buffers elsewhere).
+    max_active: requests holding talker KV at once (others wait for a place); None: no limit but
+    the pool's blocks. Also the largest graphed decode batch (default 64).
+    talker_kv_blocks / talker_kv_gib: size of the paged talker pool, in blocks of kv_block_size
+    tokens or in GiB; default: 2,048 tokens per request of max_active (or of 64), i.e. 40 MiB
+    each for the full talker in bf16, at least 8,192 tokens (speech_graphs.plan_talker_blocks).
     pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
     compile_predictor: torch.compile the code predictor's frame loop before graphing it (GPU).
     keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.
@@ -336,7 +376,9 @@ class SpeechStage:
         schedule: Sequence[int] = DEFAULT_SCHEDULE,
         backend: str = "auto",
         max_active: int | None = None,
-        slot_capacity: int = 2048,
+        talker_kv_blocks: int | None = None,
+        talker_kv_gib: float | None = None,
+        kv_block_size: int = 16,
         keep_audio: bool = False,
         pad_final_chunk: bool | None = None,
         batch_code2wav: bool | None = None,
@@ -380,22 +422,28 @@ class SpeechStage:
         if backend == "contiguous":
             self.runner = ContiguousTalker(self.talker)
             self.predictor = EagerPredictor(self.talker)
-        elif backend in ("slots", "graphs"):
-            from .speech_graphs import GraphPredictor, SlotTalker
+        elif backend in ("paged", "graphs"):
+            from .speech_graphs import DEFAULT_MAX_BATCH, GraphPredictor, PagedTalker, plan_talker_blocks
 
             graphs = backend == "graphs"
-            self.runner = SlotTalker(self.talker, max_active or 64, slot_capacity, graphs=graphs)
+            blocks = plan_talker_blocks(self.tcfg, self.dtype, block_size=kv_block_size, num_blocks=talker_kv_blocks,
+                                        gib=talker_kv_gib, max_active=max_active)
+            self.runner = PagedTalker(self.talker, blocks, kv_block_size, max_batch=max_active or DEFAULT_MAX_BATCH,
+                                      graphs=graphs)
             self.predictor = GraphPredictor(self.talker, graphs=graphs, compile=compile_predictor)
-            max_active = max_active or self.runner.num_slots
         else:
-            raise ValueError(f"speech backend must be auto, contiguous, slots or graphs, not {backend!r}")
+            raise ValueError(f"speech backend must be auto, contiguous, paged or graphs, not {backend!r}")
         self.max_active = max_active
         self.jobs: dict[str, SpeechJob] = {}
-        self.queue: deque[SpeechJob] = deque()  # waiting for a place (max_active)
+        self.queue: deque[SpeechJob] = deque()  # waiting for a place (max_active, free KV blocks)
+        self._admitted = 0  # admissions so far (SpeechJob.order)
+        self._kv_blocked = False  # a request waited for a KV block in the last step
         self.finished: dict[str, SpeechJob] = {}  # done jobs not yet collected with `pop`
         self.profile = profile
         self.times: dict[str, float] = {"talker": 0.0, "predictor": 0.0, "code2wav": 0.0, "other": 0.0}
-        self.counts: dict[str, int] = {"steps": 0, "frames": 0, "talker_tokens": 0}
+        # kv_waits: request-steps that waited for a talker KV block; preemptions: requests whose
+        # blocks were freed to let older ones go on (recomputed later)
+        self.counts: dict[str, int] = {"steps": 0, "frames": 0, "talker_tokens": 0, "kv_waits": 0, "preemptions": 0}
         self._events: list = []
         self._marks: list = []  # (phase, start event, end event) not yet read (CUDA)
 
@@ -430,9 +478,10 @@ class SpeechStage:
         generator = None
         if not greedy and req.sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        talker_len = int(_user_mask(torch.tensor(req.prompt_ids), self.cfg).sum()) + ASSISTANT_PART
         job = SpeechJob(req=req, speaker=spk, greedy=greedy or not self.sampling.do_sample, limit=limit,
                         ignore_eos=ignore_eos, generator=generator, on_chunk=on_chunk, assistant_start=start,
-                        groups=self.groups, t_added=time.perf_counter())
+                        groups=self.groups, talker_len=talker_len, t_added=time.perf_counter())
         job.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         job.stream = Code2WavStream(self.code2wav, self.schedule) if decode_audio else None
         self.jobs[req.request_id] = job
@@ -502,6 +551,7 @@ class SpeechStage:
             if job.cancelled or job.req.finish_reason == "abort":
                 self._end(job, "abort")
         self._admit()
+        replayed = self._replay()
         prefill, decode = [], []
         for job in list(self.jobs.values()):
             if job.state == WAITING and job.kv is not None:
@@ -511,21 +561,26 @@ class SpeechStage:
                 elif ready:
                     prefill.append(job)
         for job in prefill:
-            self._build_prefill(job)
+            if job.prompt is None:
+                self._build_prefill(job)
         self._project_text([j for j in self.jobs.values() if j.state == RUNNING] + prefill)
         for job in self.jobs.values():
-            if job.state == RUNNING and job.pending is not None and self._text(job, job.fed) is not None:
+            if (job.state == RUNNING and job.kv is not None and job.pending is not None
+                    and self._text(job, job.fed) is not None):
                 decode.append(job)
+        prefill, decode, blocked = self._reserve(prefill, decode)
+        if blocked and not prefill and not decode and not replayed:
+            self._preempt()  # every request that could run waits for a block: free the youngest's
         if not prefill and not decode:
             self._tick("other", t0)
             return self._events
         dec_embeds = dec_pos = None
         if decode:
             dec_embeds = torch.stack([j.pending + self._text(j, j.fed) for j in decode])
-            pos = [j.prefill_len + j.fed + j.prompt.rope_delta for j in decode]
-            dec_pos = to_device(pos, torch.float32, self.device)[None].expand(3, -1)
+            dec_pos = [j.prefill_len + j.fed + j.prompt.rope_delta for j in decode]
         t1 = self._tick("other", t0)
-        hidden, logits = self.runner.forward(prefill, decode, dec_embeds, dec_pos)
+        prefills = [(j, j.prompt.embeds, j.prompt.positions) for j in prefill]
+        hidden, logits = self.runner.forward(prefills, decode, dec_embeds, dec_pos)
         for job in prefill:
             job.state = RUNNING
         for job in decode:
@@ -565,19 +620,100 @@ class SpeechStage:
         self._tick("code2wav", t3)
         return self._events
 
-    # -- admission and readiness ------------------------------------------------------------------
+    # -- admission, KV blocks and preemption -------------------------------------------------------
     def _admit(self) -> None:
-        while self.queue:
-            if self.max_active is not None and sum(1 for j in self.jobs.values() if j.kv is not None) >= self.max_active:
+        """Give waiting requests KV, first come first served (a preempted one first). While a request
+        waits for a block, none is admitted: it would take the blocks the waiting one needs."""
+        while self.queue and not self._kv_blocked:
+            holders = sum(1 for j in self.jobs.values() if j.kv is not None)
+            if self.max_active is not None and holders >= self.max_active:
                 return
             job = self.queue[0]
             if job.done:
                 self.queue.popleft()
                 continue
-            if not self.runner.open(job):
+            # a preempted request recomputes the decode inputs it was fed too
+            need = (job.prefill_len or job.talker_len) + job.fed
+            if not self.runner.fits(need + 1):
+                self.queue.popleft()
+                log.warning("request %s needs %d talker KV tokens, more than the pool holds: not spoken",
+                            job.request_id, need + 1)
+                self._end(job, "length")
+                continue
+            # a block to spare per request holding KV, so admitting this one does not stall them
+            if not self.runner.open(job, need, keep_free=holders):
                 return
             self.queue.popleft()
+            self._admitted += 1
+            job.order = self._admitted
 
+    def _reserve(self, prefill: list[SpeechJob], decode: list[SpeechJob]):
+        """KV for this step's new tokens, oldest request first -> (prefill, decode, waiting) jobs;
+        a request that gets no block waits (skips the step), one that could never hold its tokens ends."""
+        wanted = sorted([(j, j.prefill_len) for j in prefill] + [(j, self.runner.kv_tokens(j) + 1) for j in decode],
+                        key=lambda item: item[0].order)
+        ok, blocked = set(), []
+        for job, tokens in wanted:
+            if not self.runner.fits(tokens):
+                log.warning("request %s outgrew the talker KV (%d tokens): speech cut short", job.request_id, tokens)
+                self._end(job, "length")
+            elif self.runner.reserve(job, tokens):
+                ok.add(id(job))
+            else:
+                blocked.append(job)
+        self._kv_blocked = bool(blocked)
+        self.counts["kv_waits"] += len(blocked)
+        return [j for j in prefill if id(j) in ok], [j for j in decode if id(j) in ok], blocked
+
+    def _preempt(self) -> None:
+        """Free the KV of the most recently admitted request holding some and queue it first; if it
+        is the only one, the pool cannot hold it at all: it ends ("length")."""
+        holders = sorted((j for j in self.jobs.values() if j.kv is not None), key=lambda j: j.order)
+        if not holders:
+            return
+        victim = holders[-1]
+        if len(holders) == 1:
+            log.warning("request %s outgrew the talker KV pool (%d tokens): speech cut short",
+                        victim.request_id, self.runner.kv_tokens(victim))
+            self._end(victim, "length")
+            self._kv_blocked = False
+            return
+        self.runner.close(victim)
+        victim.replay = victim.state == RUNNING  # its prompt (and decode inputs) are recomputed
+        self.queue.appendleft(victim)
+        self.counts["preemptions"] += 1
+        # _kv_blocked stays set: the freed blocks go to the waiting requests next step, not to admission
+
+    def _replay(self) -> bool:
+        """Recompute the KV of readmitted preempted requests: the talker prompt and the decode inputs
+        fed so far (each frame's summed codec embedding + its trailing text), in one prefill whose
+        outputs are dropped (the next frame's input is still `pending`). True if any ran."""
+        jobs = [j for j in self.jobs.values() if j.replay and j.kv is not None]
+        if not jobs:
+            return False
+        items = []
+        for job in jobs:
+            embeds, positions = job.prompt.embeds, job.prompt.positions.to(torch.float32)
+            n = job.fed
+            if n:
+                codes = torch.stack(job.frames[:n])  # [n, G]
+                fed = torch.cat([self.talker.embed_codes(codes[:, 0])[:, None]]
+                                + [self.talker.code_predictor.embed(codes[:, g], g)[:, None].to(embeds.dtype)
+                                   for g in range(1, self.groups)], dim=1).sum(1)
+                fed = fed + torch.stack([self._text(job, k) for k in range(n)])
+                pos = torch.arange(n, dtype=torch.float32, device=self.device) + job.prefill_len + job.prompt.rope_delta
+                embeds = torch.cat([embeds, fed.to(embeds.dtype)])
+                positions = torch.cat([positions, pos[None].expand(3, -1)], dim=1)
+            if not self.runner.reserve(job, embeds.shape[0]):  # admission gave it these blocks
+                raise RuntimeError(f"no talker KV for the recompute of request {job.request_id}")
+            items.append((job, embeds, positions))
+        self.runner.forward(items, [], None, None)
+        self.counts["talker_tokens"] += sum(e.shape[0] for _, e, _ in items)
+        for job in jobs:
+            job.replay = False
+        return True
+
+    # -- readiness --------------------------------------------------------------------------------
     def _fed_generated(self, req: Request) -> int:
         """Generated tokens known to be fed to the thinker: all but the one that finished it."""
         n = len(req.output_ids)

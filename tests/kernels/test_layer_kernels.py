@@ -83,3 +83,58 @@ def test_softmax_topk(experts, top_k, normalize):
     for row in range(9):
         assert set(ids[row].tolist()) == set(ref_ids[row].tolist()) or torch.allclose(w[row].float(), ref_w[row].float())
     torch.testing.assert_close(w, ref_w, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_stores_into_the_kv_cache(dtype):
+    """With store=(k_cache, v_cache, slots) the kernel also writes the rotated keys and the values
+    at the tokens' slots, and nothing else in the cache."""
+    g = torch.Generator().manual_seed(4)
+    n, hq, hk, d, slots_total = 3, 4, 2, 16, 10
+    q, k, v = (torch.randn(n, h, d, generator=g).to(dtype) for h in (hq, hk, hk))
+    qw, kw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype), (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    cos, sin = RotaryEmbedding(d, 10000.0)(torch.arange(7, 7 + n))
+    slots = torch.tensor([8, 2, 5])
+    caches = {}
+    for name, fn in (("triton", rope.qk_norm_rope), ("torch", rope.qk_norm_rope_reference)):
+        kc, vc = torch.full((slots_total, hk, d), 9.0, dtype=dtype), torch.full((slots_total, hk, d), 9.0, dtype=dtype)
+        qo, ko = fn(q, k, qw, kw, cos, sin, 1e-6, v, (kc, vc, slots))
+        caches[name] = (qo, ko, kc, vc)
+        untouched = torch.ones(slots_total, dtype=torch.bool)
+        untouched[slots] = False
+        assert (kc[untouched] == 9.0).all() and (vc[untouched] == 9.0).all()
+        assert torch.equal(kc[slots], ko) and torch.equal(vc[slots], v)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=4e-2, atol=7e-2)
+    for a, b in zip(caches["triton"], caches["torch"]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,inter", [(1, 48), (5, 1500)])  # a decode row; several column blocks
+def test_silu_mul(dtype, n, inter):
+    from thinktalk.kernels import activation
+
+    g = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(n, 2 * inter, generator=g) * 3).to(dtype)
+    got, ref = activation.silu_mul(gate_up), activation.silu_mul_reference(gate_up)
+    # two roundings, each truncated by the interpreter where the GPU rounds to nearest
+    torch.testing.assert_close(got, ref, **(TOL[dtype] if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)))
+
+
+def test_fused_gate_up_mlp_equals_the_plain_one():
+    from thinktalk.kernels import activation
+    from thinktalk.layers.mlp import GatedMLP, fuse_gate_up
+
+    torch.manual_seed(6)
+    mlp = GatedMLP(32, 24)
+    x = torch.randn(3, 32)
+    want = mlp(x)
+    gate_w, up_w = mlp.gate_proj.weight.clone(), mlp.up_proj.weight.clone()
+    assert fuse_gate_up(mlp) and mlp.gate_up_weight.shape == (48, 32)
+    assert torch.equal(mlp.gate_proj.weight, gate_w) and torch.equal(mlp.up_proj.weight, up_w)
+    assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()  # views, no copy
+    torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-6)
+    mlp.act_mul_kernel = activation.silu_mul  # the Triton kernel (interpreter)
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    gelu = GatedMLP(32, 24, "gelu")
+    assert not fuse_gate_up(gelu)  # only SiLU has a fused kernel

@@ -215,6 +215,48 @@ def test_spoken_turns_reuse_the_cached_conversation(serve_factory, tiny_instruct
         assert prev.input_tokens // 16 * 16 <= cur.input_token_details.cached_tokens < cur.input_tokens
 
 
+def tone_pcm(seconds: float, freq: float, rate: int = 24000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * freq * t) * (0.7 + 0.3 * np.sin(2 * np.pi * 3 * t))
+    return (x * 32767).astype("<i2").tobytes()
+
+
+def test_spoken_answers_reuse_the_cached_conversation(serve_factory, tiny_instruct):
+    """Spoken answers (audio out) to three turns, with camera frames, on the paged KV cache: each
+    turn reuses the whole earlier conversation (the talker's hidden states of the cached prefix
+    come from the engine's pool), and the session processes each clip and frame once."""
+    paged = serve_factory("--model", str(tiny_instruct), "--served-model-name", "tiny", "--kv-backend", "paged",
+                          "--max-speech-seconds", MAX_SPEECH_S, "--api-key", KEY)
+    turns = [(tone_pcm(1.2, 220), jpeg(64, 48)), (tone_pcm(2.0, 330), None), (tone_pcm(0.7, 440), jpeg(48, 64))]
+
+    async def go():
+        usages, sound = [], []
+        async with aclient(paged).realtime.connect(model="tiny") as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.session.update(session={**MANUAL_GA, "output_modalities": ["audio"]})
+            assert (await conn.recv()).type == "session.updated"
+            for pcm, frame in turns:
+                if frame is not None:
+                    await conn.send_raw(json.dumps({"type": "input_image_buffer.append",
+                                                    "image": base64.b64encode(frame).decode()}))
+                await stream_audio(conn, pcm, realtime=False)
+                await conn.input_audio_buffer.commit()
+                await conn.response.create()
+                log = await events_until(conn, "response.done")
+                usages.append(log[-1][1].response.usage)
+                sound.append(audio_bytes(log))
+        return usages, sound
+
+    usages, sound = run(go(), timeout=240)
+    assert all(n > 0 for n in sound)  # every answer was spoken
+    assert usages[0].input_token_details.cached_tokens == 0
+    assert usages[2].input_token_details.image_tokens > usages[1].input_token_details.image_tokens > 0
+    for prev, cur in zip(usages, usages[1:]):
+        # the previous prompt in full blocks of 16 (its answer too, as far as it re-tokenizes alike)
+        assert prev.input_tokens // 16 * 16 <= cur.input_token_details.cached_tokens < cur.input_tokens
+    print("spoken turns (prompt, cached):", [(u.input_tokens, u.input_token_details.cached_tokens) for u in usages])
+
+
 def test_beta_dialect_16k(server, speech):
     async def go():
         client = aclient(server)

@@ -107,6 +107,35 @@ def test_preemption_prefix_reuse_and_hidden_states(model):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
+def test_hidden_states_of_decoded_tokens_come_back_for_the_next_turn(model):
+    """Turn 2 re-sends turn 1's prompt and answer: the prefix it reuses holds answer tokens computed
+    by the static decode step, whose talker-layer hidden states that step wrote into the pool's
+    side tensor; turn 2 keeps the same hidden states as the reference engine computes."""
+    first = _requests(speak=True)[2]
+    engine = _run(model, _graphed(), [first], capture_layer=2)
+    assert engine.decode_graphs.steps > 0 and engine.pool.hidden is not None
+
+    def second():
+        ids = first.prompt_ids + first.output_ids + [17, 18, 19]
+        r = Request(ids, torch.arange(len(ids))[None].expand(3, -1).clone(), 0,
+                    SamplingParams(temperature=0, max_new_tokens=4))
+        r.speaker = "someone"
+        return r
+
+    got, ref = second(), second()
+    before = engine.stats["cached_tokens"]
+    engine.add_request(got)
+    while engine.has_work():
+        engine.step()
+    assert engine.stats["cached_tokens"] - before > len(first.prompt_ids) + 4  # answer tokens reused
+    _run(model, EngineConfig(), [ref], capture_layer=2)
+    assert got.output_ids == ref.output_ids
+    for layer in (0, 2):
+        x, y = torch.cat(ref.capture[layer]), torch.cat(got.capture[layer])
+        assert x.shape[0] == y.shape[0] == ref.num_tokens - 1
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
 def test_fractional_rope_delta(model):
     """A video prompt's decode positions can be fractional; the buffers keep them."""
     def make():

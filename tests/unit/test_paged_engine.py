@@ -9,6 +9,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # only the test that asks for Triton uses it
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -334,3 +336,23 @@ def test_hidden_states_for_the_talker_survive_preemption_and_prefix_reuse(model)
             x, y = torch.cat(a.capture[layer]), torch.cat(b.capture[layer])
             assert x.shape[0] == y.shape[0] == a.num_tokens - 1
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_the_talkers_hidden_states_are_part_of_the_kv_budget(model):
+    """With a talker layer captured and prefix caching on, each block also holds its tokens' hidden
+    states (kv_cache.PagedPool.hidden), sized into the same memory budget; otherwise no side tensor."""
+    from thinktalk.kv_cache import bytes_per_block
+
+    text = model.thinker.cfg.text_config
+    head_dim = text.get("head_dim") or text.hidden_size // text.num_attention_heads
+    budget = 2**20
+    config = EngineConfig(kv_backend="paged", block_size=4, cpu_kv_cache_gib=budget / 2**30)
+    kv = bytes_per_block(text.num_hidden_layers, 4, text.num_key_value_heads, head_dim, torch.float32)
+    both = bytes_per_block(text.num_hidden_layers, 4, text.num_key_value_heads, head_dim, torch.float32, text.hidden_size)
+    assert both == kv + 4 * text.hidden_size * 4
+
+    speaking = Engine(model, EOS, config, capture_layer=2)
+    assert speaking.block_manager.num_blocks == budget // both
+    assert speaking.pool.hidden.shape == (budget // both + 1, 4, text.hidden_size)
+    for engine in (Engine(model, EOS, config), Engine(model, EOS, replace(config, enable_prefix_caching=False), capture_layer=2)):
+        assert engine.pool.hidden is None and engine.block_manager.num_blocks == budget // kv

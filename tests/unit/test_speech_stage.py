@@ -1,13 +1,19 @@
 """The streaming speech stage (thinktalk/speech_stage.py) on the tiny checkpoint, CPU.
 
 * greedy codes equal the reference path (`speech.generate_codes` through `Omni.speak`, after the
-  thinker finished) while the stage ran beside the thinker, for every voice, both backends (the
-  reference contiguous KV, and the GPU's static slot KV + static predictor loop run eagerly), and
-  equal transformers' generate(return_audio=True);
+  thinker finished) while the stage ran beside the thinker, for every voice and backend (the
+  reference contiguous KV; the paged talker KV, eager; and the GPU's paged KV + static decode
+  buffers + static predictor loop, run eagerly), and equal transformers' generate(return_audio=True);
+* paged talker KV: the paged backends equal the contiguous one for three concurrent requests;
+  padding rows of a decode bucket write only the scratch block; a pool too small for every
+  request at once makes requests wait for blocks (and, when nothing can run, preempts the
+  youngest and recomputes it) with the same codes; admission waits for free blocks; a request
+  larger than the pool ends with "length"; every block is free again at the end;
 * the streamed waveform equals the one-shot code2wav decode of the same codes;
 * three concurrent spoken requests of different lengths equal each alone;
 * the first PCM chunk comes out while the thinker is still writing a longer answer;
-* cancelling (engine abort or stage.cancel) stops the chunks at once and frees the talker KV;
+* cancelling (engine abort or stage.cancel) stops the chunks at once and frees the talker KV (its
+  blocks, counted, on the paged backends);
 * sampled speech with a seed is the same alone and in a batch; empty answers; forced-answer TTS;
   Omni.stream_speech.
 
@@ -82,7 +88,7 @@ def _reference(omni, req):
 
 
 # -- correctness against the reference ---------------------------------------------------------
-@pytest.mark.parametrize("backend", ["contiguous", "slots"])
+@pytest.mark.parametrize("backend", ["contiguous", "paged", "graphs"])
 @pytest.mark.parametrize("voice", ["Ethan", "Chelsie", "Aiden"])
 def test_codes_equal_reference(omni, voice, backend):
     req = _request(omni, speaker=voice)
@@ -171,7 +177,7 @@ def _three_requests(omni):
             _request(omni, PROMPTS[2], "Aiden", tokens=10, frames=14)]
 
 
-@pytest.mark.parametrize("backend", ["contiguous", "slots"])
+@pytest.mark.parametrize("backend", ["contiguous", "paged", "graphs"])
 def test_three_concurrent_equal_each_alone(omni, backend):
     alone = []
     for req in _three_requests(omni):
@@ -223,14 +229,16 @@ def test_static_predictor_equals_plain_loop(omni):
 
 # -- cancel and edge cases ----------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["engine_abort", "stage_cancel"])
-@pytest.mark.parametrize("backend", ["contiguous", "slots"])
+@pytest.mark.parametrize("backend", ["contiguous", "paged", "graphs"])
 def test_cancel_stops_chunks_and_frees_kv(omni, how, backend):
     stage = _stage(omni, backend)
     keep = _request(omni, PROMPTS[1], "Chelsie", tokens=12, frames=12)
     victim = _request(omni, PROMPTS[0], "Ethan", tokens=30, frames=200)
+    jobs = []
     for r in (keep, victim):
         omni.engine.add_request(r)
-        stage.add(r)
+        jobs.append(stage.add(r))
+    bm = stage.runner.block_manager if backend != "contiguous" else None
     after, cancelled_at, step = [], None, 0
     while omni.engine.has_work() or stage.has_work():
         omni.engine.step()
@@ -246,16 +254,197 @@ def test_cancel_stops_chunks_and_frees_kv(omni, how, backend):
                 omni.engine.abort(victim.request_id)
             cancelled_at = step
             held = stage.kv_tokens()
+            if bm is not None:
+                assert len(jobs[1].kv.block_table) > 0
         if cancelled_at is not None and step == cancelled_at + 1:
             assert victim.request_id not in stage.jobs  # stopped within one step, KV freed
             assert stage.kv_tokens() < held
+            if bm is not None:  # every block but those of the request still speaking is free again
+                kept = len(jobs[0].kv.block_table) if jobs[0].kv is not None else 0
+                assert jobs[1].kv is None and bm.num_free_blocks == bm.num_blocks - kept
         step += 1
     assert cancelled_at is not None
     assert len(after) == 1 and after[0].finished and after[0].finish_reason == "abort" and after[0].pcm.size == 0
     assert stage.pop(keep.request_id).finish_reason in ("stop", "length")
     assert stage.kv_tokens() == 0 and not stage.jobs
-    if backend == "slots":
-        assert len(stage.runner.free) == stage.runner.num_slots
+    if backend != "contiguous":  # every talker KV block back in the pool
+        bm = stage.runner.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+
+
+# -- paged talker KV ----------------------------------------------------------------------------
+def _codes_of(jobs):
+    return [j.codes() for j in jobs]
+
+
+@pytest.fixture(scope="module")
+def contiguous_three(omni):
+    """Codes of the three requests spoken together by the reference backend."""
+    jobs, _ = _run(omni, _stage(omni, "contiguous"), _three_requests(omni))
+    return _codes_of(jobs)
+
+
+@pytest.mark.parametrize("backend,block_size", [("paged", 16), ("graphs", 16), ("graphs", 4)])
+def test_paged_three_concurrent_equal_contiguous(omni, contiguous_three, backend, block_size):
+    """Greedy codes of the paged backends (eager; the CUDA-graph body through its static buffers)
+    equal the contiguous reference for three concurrent requests of different lengths. Three
+    decoding requests take the bucket of 4 (one padding row on the scratch block), then 2, then 1;
+    with blocks of 4 tokens every request spans many blocks."""
+    stage = _stage(omni, backend, kv_block_size=block_size)
+    jobs, _ = _run(omni, stage, _three_requests(omni))
+    assert len({len(j.frames) for j in jobs}) == 3
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+    steps = stage.runner.steps
+    if backend == "graphs":
+        assert steps is not None and steps.steps > 0  # decode went through the static buffers
+    else:
+        assert steps is None
+    assert stage.counts["kv_waits"] == 0 and stage.counts["preemptions"] == 0
+    bm = stage.runner.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_padding_rows_write_only_the_scratch_block(omni):
+    """Decode steps of 3 requests run in the bucket of 4: the padding row writes the scratch block;
+    in the pool only the new tokens' slots change."""
+    stage = _stage(omni, "graphs", kv_block_size=4, talker_kv_blocks=64)
+    reqs = _three_requests(omni)
+    for r in reqs:
+        omni.engine.add_request(r)
+        stage.add(r)
+    pool, bs = stage.runner.pool, stage.runner.pool.block_size
+    scratch = set(range(pool.scratch_block * bs, (pool.scratch_block + 1) * bs))
+    checked = 0
+    while omni.engine.has_work() or stage.has_work():
+        omni.engine.step()
+        jobs = list(stage.jobs.values())
+        all_running = len(jobs) == 3 and all(j.state == "running" for j in jobs)
+        fed = [j.fed for j in jobs]
+        if all_running:
+            for k in pool.k:
+                k[pool.scratch_block].fill_(7.0)  # a marker the padding row overwrites
+        before = [k.clone().flatten(0, 1) for k in pool.k] if all_running else None
+        stage.step()
+        if not all_running or [j.fed for j in jobs] != [f + 1 for f in fed] or any(j.done for j in jobs):
+            continue  # not a step where exactly these three decoded (and still hold their blocks)
+        written = set()
+        for j in jobs:  # the slot each request's new token went to
+            t = j.kv.num_computed - 1
+            written.add(j.kv.block_table[t // bs] * bs + t % bs)
+        for old, new in zip(before, pool.k):
+            changed = set((old != new.flatten(0, 1)).flatten(1).any(1).nonzero().flatten().tolist())
+            assert changed - scratch == written and changed & scratch  # the padding row wrote the scratch block
+        checked += 1
+    assert checked > 0
+
+
+def test_kv_full_requests_wait_for_blocks(omni, contiguous_three):
+    """A pool too small for the three requests at once (21 blocks of 4 tokens; they need ~36):
+    requests that cannot grow wait for blocks (the oldest served first) instead of failing, and
+    speak exactly the reference's codes; every block is back at the end."""
+    stage = _stage(omni, "graphs", kv_block_size=4, talker_kv_blocks=21)
+    jobs, _ = _run(omni, stage, _three_requests(omni))
+    print(f"21 blocks: {stage.counts}")
+    assert stage.counts["kv_waits"] > 0 and stage.counts["preemptions"] == 0
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+    assert [j.finish_reason for j in jobs] == ["length"] * 3
+    bm = stage.runner.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_admission_bounded_by_free_blocks(omni, contiguous_three):
+    """15 blocks of 4 tokens hold two of the prompts but not the third as well: it is admitted
+    (gets KV) only once blocks are free, and still speaks the reference's codes."""
+    stage = _stage(omni, "paged", kv_block_size=4, talker_kv_blocks=15)
+    reqs = _three_requests(omni)
+    jobs = []
+    for r in reqs:
+        omni.engine.add_request(r)
+        jobs.append(stage.add(r))
+    queued_while_others_spoke = False
+    while omni.engine.has_work() or stage.has_work():
+        omni.engine.step()
+        stage.step()
+        bm = stage.runner.block_manager
+        held = sum(len(j.kv.block_table) for j in jobs if j.kv is not None)
+        assert held == bm.num_used_blocks <= bm.num_blocks
+        if any(j.kv is None and not j.done for j in jobs) and any(j.kv is not None for j in jobs):
+            queued_while_others_spoke = True
+    assert queued_while_others_spoke
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+
+
+def test_stalled_pool_preempts_youngest_and_recomputes(omni, contiguous_three):
+    """19 blocks: every request able to run waits for a block at some step, so the most recently
+    admitted one is preempted (blocks freed, back to the queue) and recomputed when readmitted:
+    prompt + the decode inputs it was fed, rebuilt from its codes. Its earlier frames stand; on
+    this tiny fp32 model the recompute's rounding changes no pick, so all codes equal the
+    reference (a wrong recompute, input, position or block would not)."""
+    stage = _stage(omni, "graphs", kv_block_size=4, talker_kv_blocks=19)
+    jobs, _ = _run(omni, stage, _three_requests(omni))
+    print(f"19 blocks: {stage.counts}")
+    assert stage.counts["preemptions"] > 0
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+    bm = stage.runner.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_request_larger_than_the_pool_ends_with_length(omni):
+    """A pool smaller than one request: its speech is cut short ("length") rather than hanging;
+    a prompt the pool can never hold is not spoken at all."""
+    req = _request(omni, PROMPTS[1], "Chelsie", tokens=6, frames=30)
+    stage = _stage(omni, "paged", kv_block_size=4, talker_kv_blocks=6)  # 24 tokens
+    (job,), _ = _run(omni, stage, [req])
+    assert job.finish_reason == "length" and 0 < job.codes().shape[1] < 30
+    assert torch.equal(job.codes(), _reference(omni, req)[:, : job.codes().shape[1]])
+    assert stage.runner.block_manager.num_free_blocks == 6
+    stage = _stage(omni, "paged", kv_block_size=4, talker_kv_blocks=2)  # 8 tokens: not even the prompt
+    (job,), _ = _run(omni, stage, [_request(omni, PROMPTS[1], "Chelsie", tokens=6, frames=30)])
+    assert job.finish_reason == "length" and job.codes().shape[1] == 0
+
+
+def test_triton_paged_decode_attention(omni, contiguous_three):
+    """The Triton paged decode kernel (the GPU's) in the talker's static decode step, under the
+    CPU interpreter: same codes as the reference. Run with TRITON_INTERPRET=1 set before thinktalk
+    is imported (e.g. `TRITON_INTERPRET=1 pytest tests/unit/test_speech_stage.py -k triton`)."""
+    from thinktalk.kernels.common import available, interpreting
+    from thinktalk.speech_graphs import PagedTalker
+
+    if not available("cpu") or not interpreting():
+        pytest.skip("needs triton and TRITON_INTERPRET=1 before thinktalk is imported")
+    stage = _stage(omni, "graphs")
+    stage.runner = PagedTalker(omni.model.talker, 64, 4, graphs=True, decode_attention="triton")
+    assert stage.runner.pool.decode_fn.__name__ == "paged_attention"
+    jobs, _ = _run(omni, stage, _three_requests(omni))
+    assert stage.runner.steps.steps > 0
+    for got, ref in zip(_codes_of(jobs), contiguous_three):
+        assert torch.equal(got, ref)
+
+
+def test_pool_sizing(omni):
+    """talker_kv_blocks, talker_kv_gib, or 2,048 tokens per request of max_active (at least
+    8,192); the full talker holds 20 KiB per token in bf16."""
+    from thinktalk.config import reference_config
+    from thinktalk.speech_graphs import plan_talker_blocks, talker_block_bytes, talker_kv_bytes
+
+    full = reference_config().talker_config
+    assert talker_block_bytes(full, 16, torch.bfloat16) == 16 * 20 * 2**10
+    assert plan_talker_blocks(full, torch.bfloat16, max_active=16) == 16 * 2048 // 16
+    assert plan_talker_blocks(full, torch.bfloat16, max_active=1) == 8192 // 16
+    assert plan_talker_blocks(full, torch.bfloat16) == 64 * 2048 // 16
+    assert plan_talker_blocks(full, torch.bfloat16, gib=1.0) == 2**30 // (16 * 20 * 2**10)
+    assert plan_talker_blocks(full, torch.bfloat16, num_blocks=7, gib=1.0) == 7
+    stage = _stage(omni, "paged", talker_kv_blocks=10, kv_block_size=8)
+    pool = stage.runner.pool
+    held = sum(t.numel() * t.element_size() for t in pool.k + pool.v)
+    assert held == talker_kv_bytes(omni.cfg.talker_config, 10, 8, torch.float32)
+    assert stage.runner.block_manager.num_blocks == 10 and pool.k[0].shape[:2] == (11, 8)  # + the scratch block
+    with pytest.raises(ValueError, match="backend"):
+        _stage(omni, "slots")
 
 
 def test_empty_answer_and_fixed_length(omni):

@@ -1,6 +1,6 @@
-"""What the pipeline preallocates follows the configured concurrency: the talker's KV slots (one per
-request speaking at once, sized from the engine's max_num_seqs) and the share of the GPU budget
-the thinker's KV pool leaves for the speech stage."""
+"""What the pipeline preallocates follows the configured concurrency: the talker's paged KV pool
+(2,048 tokens per request speaking at once, sized from the engine's max_num_seqs; at least 8,192)
+and the share of the GPU budget the thinker's KV pool leaves for the speech stage."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from thinktalk.api import MAX_SPEECH_SLOTS, SPEECH_WORKING_SET, Omni, reserve_for_speech
 from thinktalk.config import reference_config
 from thinktalk.engine import EngineConfig
-from thinktalk.speech_graphs import SlotTalker
+from thinktalk.speech_graphs import PagedTalker, plan_talker_blocks, talker_kv_bytes
 from thinktalk.weights.loader import load_model
 
 
@@ -17,17 +17,20 @@ def tiny_model(tiny_instruct):
     return load_model(tiny_instruct, progress=False)
 
 
-def test_slot_kv_bytes_match_the_allocation(tiny_model):
+def test_talker_kv_bytes_match_the_allocation(tiny_model):
     talker = tiny_model.talker
-    runner = SlotTalker(talker, num_slots=3, capacity=24, graphs=False)
-    held = sum(t.numel() * t.element_size() for t in runner.k + runner.v)
-    assert held == SlotTalker.kv_bytes(talker.cfg, 3, 24, runner.dtype)
-    # the full talker: 40 MiB per slot of 2,048 tokens in bf16; the old fixed 64 slots were 2.5 GiB
+    runner = PagedTalker(talker, num_blocks=5, block_size=8, graphs=False)
+    pool = runner.pool
+    held = sum(t.numel() * t.element_size() for t in pool.k + pool.v)
+    assert held == talker_kv_bytes(talker.cfg, 5, 8, runner.dtype)
+    # the full talker: 20 KiB per token in bf16, 40 MiB per request's 2,048 tokens (+ the scratch
+    # block); a single user still gets the floor of 8,192 tokens
     full = reference_config().talker_config
-    assert SlotTalker.kv_bytes(full, 1, 2048, torch.bfloat16) == 40 * 2**20
-    assert SlotTalker.kv_bytes(full, 64, 2048, torch.bfloat16) == 2.5 * 2**30
-    with pytest.raises(ValueError, match="at least one slot"):
-        SlotTalker(talker, num_slots=0)
+    block = 16 * 20 * 2**10
+    assert talker_kv_bytes(full, plan_talker_blocks(full, torch.bfloat16, max_active=8), 16, torch.bfloat16) == 8 * 40 * 2**20 + block
+    assert talker_kv_bytes(full, plan_talker_blocks(full, torch.bfloat16, max_active=1), 16, torch.bfloat16) == 160 * 2**20 + block
+    with pytest.raises(ValueError, match="at least one block"):
+        plan_talker_blocks(full, torch.bfloat16, num_blocks=0)
 
 
 @pytest.mark.parametrize("max_num_seqs,slots,expected", [(1, None, 1), (16, None, 16), (256, None, MAX_SPEECH_SLOTS), (4, 2, 2)])
@@ -53,7 +56,8 @@ def test_kv_budget_keeps_room_for_speech():
     base = EngineConfig(max_num_seqs=1, gpu_memory_utilization=0.9)
     got = reserve_for_speech(base, cfg, 1, "cuda", total_memory=total)
     kept = (base.gpu_memory_utilization - got.gpu_memory_utilization) * total
-    assert kept == pytest.approx(SlotTalker.kv_bytes(cfg.talker_config, 1, 2048, torch.bfloat16) + SPEECH_WORKING_SET)
+    talker_kv = talker_kv_bytes(cfg.talker_config, 8192 // 16, 16, torch.bfloat16)  # the floor: one request
+    assert kept == pytest.approx(talker_kv + SPEECH_WORKING_SET)
     assert base.gpu_memory_utilization == 0.9  # the caller's config is not changed
     # nothing to keep where the pool is not sized from the budget
     assert reserve_for_speech(base, cfg, 1, "cpu", total_memory=total) is base

@@ -14,8 +14,9 @@ How it works (no host synchronisation, so a decode step can be CUDA-graphed):
    block's expert (two fp32 accumulators sharing the A tile) and writes act(gate) * up: the
    SiLU-and-mul is fused in the epilogue, so the [N*K, 2I] gate_up product never reaches memory.
 3. `_down_kernel`: the same grouped GEMM against `down_proj`, scaling each row by its routing
-   weight in the epilogue and writing fp32 rows of [N, K, H]; the sum over the top-k slots is one
-   deterministic torch reduction (no atomics), cast back to the input dtype.
+   weight in the epilogue and writing fp32 rows of [N, K, H].
+4. `_sum_slots_kernel`: the sum over the top-k slots in slot order (deterministic, no atomics) and
+   the cast back to the input dtype, in one kernel (torch's sum + cast are two).
 
 Accumulation is fp32; fp32 inputs use IEEE products (not TF32) so the kernel is comparable with
 the reference. Only SiLU is fused; any other activation falls back to the reference.
@@ -239,6 +240,16 @@ if triton is not None:
         o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(o_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _sum_slots_kernel(src_ptr, out_ptr, hidden_size, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < hidden_size
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for slot in range(TOP_K):  # in slot order, as torch's sum over the slot axis
+            acc += tl.load(src_ptr + (token * TOP_K + slot) * hidden_size + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + token * hidden_size + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
 
 def fused_moe(
     hidden: torch.Tensor,
@@ -296,4 +307,7 @@ def fused_moe(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast,
         PAIR_BLOCKS=pair_blocks, **launch,
     )
-    return out.view(n, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
+    summed = torch.empty_like(hidden)
+    block = min(1024, triton.next_power_of_2(hidden_size))
+    _sum_slots_kernel[(n, triton.cdiv(hidden_size, block))](out, summed, hidden_size, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return summed

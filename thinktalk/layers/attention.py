@@ -52,6 +52,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.output(kv.attend(self.layer, q, k, v, self.scale))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=None):
+        """The per-token part before attention: q [N, Hq, D], k/v [N, Hkv, D], normed and rotated.
+        store: (k_cache, v_cache, slots) of a backend that lets the q/k kernel write the new keys
+        and values into its cache (`store_target`), then attends with `attend_stored`."""
         n = x.shape[0]
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight).split(
@@ -61,9 +68,15 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.qk_kernel(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
-        out = kv.attend(self.layer, q, k, v, self.scale)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        if store is not None:
+            q, k = self.qk_kernel(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps, v, store)
+        else:
+            q, k = self.qk_kernel(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
+        return q, k, v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """The per-token part after attention: attn [N, Hq, D] -> o_proj [N, hidden]."""
+        return self.o_proj(attn.reshape(attn.shape[0], self.num_heads * self.head_dim))
 
 
 def fuse_qkv(attn: Attention) -> bool:

@@ -51,9 +51,27 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x, cos, sin, kv: AttentionBackend) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv)
-        h, x = self.post_attention_layernorm.add_forward(attn, x)
-        return x + self.mlp(h)
+        q, k, v, residual = self.pre_attention(x, None, cos, sin)
+        out, residual = self.post_attention(kv.attend(self.self_attn.layer, q, k, v, self.self_attn.scale), residual)
+        return residual + out
+
+    # The layer in two per-token halves around attention, on the residual stream: a layer's output
+    # is (out, residual), added by the next layer's input norm in the same kernel. Everything but
+    # attention treats tokens independently, which is what lets prefill_graphs.py replay these
+    # halves as CUDA graphs over padded token counts.
+    def pre_attention(self, x, residual, cos, sin, store=None):
+        """(q, k, v, residual): input norm (adding x to residual first when residual is given) and
+        the q/k/v projections, normed and rotated (and written to the KV cache: `Attention.project`)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        return (*self.self_attn.project(h, cos, sin, store), residual)
+
+    def post_attention(self, attn, residual):
+        """(out, residual): o_proj, the residual add + post-attention norm, the MLP / MoE."""
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn.output(attn), residual)
+        return self.mlp(h), residual
 
 
 class DecoderStack(nn.Module):
@@ -86,15 +104,34 @@ class DecoderStack(nn.Module):
         """
         cos, sin = self.rotary_emb(positions)
         captured = {0: hidden} if 0 in capture else {}
+        residual = None  # hidden = (hidden + residual) where residual is not None
+        store_target = getattr(kv, "store_target", None)  # the q/k kernel may write the KV cache
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv)
-            if i + 1 in capture:
-                captured[i + 1] = hidden
-            if deepstack is not None and i < len(deepstack[1]):
-                mask, feats = deepstack
-                hidden = hidden.clone()
-                hidden[mask] = hidden[mask] + feats[i].to(hidden.dtype)
-        hidden = self.norm(hidden)
+            a = layer.self_attn
+            if store_target is not None:
+                q, k, v, residual = layer.pre_attention(hidden, residual, cos, sin, store_target(a.layer))
+                attn = kv.attend_stored(a.layer, q, a.scale)
+            else:
+                q, k, v, residual = layer.pre_attention(hidden, residual, cos, sin)
+                attn = kv.attend(a.layer, q, k, v, a.scale)
+            hidden, residual = layer.post_attention(attn, residual)
+            stack = deepstack is not None and i < len(deepstack[1])
+            if i + 1 in capture or stack:  # the layer's output itself is needed
+                hidden, residual = self.layer_output(hidden, residual), None
+                if i + 1 in capture:
+                    captured[i + 1] = hidden
+                if stack:
+                    mask, feats = deepstack
+                    hidden = hidden.clone()
+                    hidden[mask] = hidden[mask] + feats[i].to(hidden.dtype)
+        hidden = self.final_norm(hidden, residual)
         if len(self.layers) in capture:  # transformers ties the last entry to the normed output
             captured[len(self.layers)] = hidden
         return hidden, captured
+
+    @staticmethod
+    def layer_output(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return out if residual is None else residual + out
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(hidden) if residual is None else self.norm.add_forward(hidden, residual)[0]

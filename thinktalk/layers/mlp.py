@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.activation import silu_mul_reference
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -12,6 +14,12 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
+    # gate and up projections in one GEMM: set by `fuse_gate_up` (their weights become views of it),
+    # followed by `act_mul_kernel` (SiLU-and-multiply; the engine swaps in kernels/activation.py's
+    # Triton kernel on GPU)
+    gate_up_weight: torch.Tensor | None = None
+    act_mul_kernel = staticmethod(silu_mul_reference)
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -20,4 +28,27 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate_up = F.linear(x.reshape(-1, x.shape[-1]), self.gate_up_weight)
+            return self.down_proj(self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_gate_up(mlp: GatedMLP) -> bool:
+    """Stack gate_proj's and up_proj's weights into one tensor, theirs becoming views of it (no
+    extra memory), so the two projections are one GEMM. Only SiLU blocks of plain bias-free
+    Linears of one dtype (quantized projections keep their own kernels). Returns whether it fused."""
+    projs = (mlp.gate_proj, mlp.up_proj)
+    if mlp.gate_up_weight is not None:
+        return True
+    if mlp.act is not F.silu or any(type(p) is not nn.Linear or p.bias is not None for p in projs):
+        return False
+    if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1:
+        return False
+    with torch.no_grad():
+        stacked = torch.cat([p.weight for p in projs])
+        rows = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight = nn.Parameter(stacked[:rows], requires_grad=False)
+        mlp.up_proj.weight = nn.Parameter(stacked[rows:], requires_grad=False)
+    mlp.gate_up_weight = stacked
+    return True

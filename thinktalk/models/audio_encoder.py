@@ -246,7 +246,11 @@ class AudioEncoder(nn.Module):
             out += [window] * full + ([rem] if rem else [])
         return out
 
-    def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_features: torch.Tensor, feature_lens: torch.Tensor, longest_frames: int | None = None) -> torch.Tensor:
+        """longest_frames: when these clips are some of a request's, the mel frames of its longest
+        clip: chunks are padded (and attention windows sized) as in one call over all of them, so
+        each clip encodes as it would among the others (padding is not neutral: the convs see
+        gelu(bias) in padded frames)."""
         if input_features.dim() != 2 or input_features.shape[0] != self.num_mel_bins:
             raise ValueError(
                 f"input_features must be [num_mel_bins={self.num_mel_bins}, frames], got {tuple(input_features.shape)}"
@@ -262,6 +266,10 @@ class AudioEncoder(nn.Module):
         weight = self.conv2d1.weight
         chunks = input_features.to(weight.dtype).T.split(chunk_lens, dim=0)
         padded = nn.utils.rnn.pad_sequence(chunks, batch_first=True).transpose(1, 2).unsqueeze(1)
+        if longest_frames is not None:  # the longest chunk of the whole request's call
+            extra = min(int(longest_frames), 2 * self.n_window) - padded.shape[-1]
+            if extra > 0:
+                padded = F.pad(padded, (0, extra))
 
         # 2. conv stack, in groups of conv_chunksize chunks.
         outs = []
@@ -285,7 +293,7 @@ class AudioEncoder(nn.Module):
         x = y[valid]  # [n_tokens, d_model], chunk-major order
 
         # 5. windowed transformer.
-        seg_lens = self._window_lengths(lens, int(tokens_per_chunk.max()))
+        seg_lens = self._window_lengths(lens, t)  # t: tokens of the longest (padded) chunk
         for layer in self.layers:
             x = layer(x, seg_lens)
 

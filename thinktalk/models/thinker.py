@@ -34,6 +34,9 @@ class MultimodalInputs:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    # set when these are some of a request's items (multimodal.items.select_items): the mel frames
+    # of the request's longest clip, so each clip encodes as it would beside all the others
+    audio_longest_frames: int | None = None
 
 
 class Thinker(nn.Module):
@@ -61,7 +64,7 @@ class Thinker(nn.Module):
             mask = mm.feature_attention_mask.bool()
             lens = mask.sum(1)
             feats = mm.input_features.permute(0, 2, 1)[mask].permute(1, 0)
-            audio = self.audio_tower(feats.to(embeds.dtype), lens)
+            audio = self.audio_tower(feats.to(embeds.dtype), lens, mm.audio_longest_frames)
             embeds = _scatter(embeds, input_ids == cfg.audio_token_id, audio, "audio")
         visual_mask, stacks = None, []
         for pixels, grid, token in (

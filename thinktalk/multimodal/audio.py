@@ -270,14 +270,7 @@ def log_mel_features(
         if clip.size == 0:
             raise MediaError(f"audio #{i}: audio is empty (0 samples)")
     if per_clip and len(clips) > 1:
-        alone = [log_mel_features([c], cfg) for c in clips]
-        frames = max(f.shape[-1] for f, _ in alone)
-        features = torch.zeros(len(clips), cfg.feature_size, frames, dtype=torch.float32)
-        mask = torch.zeros(len(clips), frames, dtype=torch.int32)
-        for i, (f, m) in enumerate(alone):
-            features[i, :, : f.shape[-1]] = f[0]
-            mask[i, : m.shape[-1]] = m[0]
-        return features, mask
+        return stack_clip_features([log_mel_features([c], cfg) for c in clips])
     lengths = [c.size for c in clips]
     longest = max(lengths)
     if longest <= cfg.n_fft // 2:
@@ -309,6 +302,20 @@ def log_mel_features(
     mask = (starts[None, :] < torch.tensor(lengths)[:, None]).to(torch.int32)
     if longest % cfg.hop_length:
         mask = mask[:, :-1]
+    return features, mask
+
+
+def stack_clip_features(alone: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips' features computed alone (each `log_mel_features([clip])`: [1, n_mels, T_i], [1, T_i])
+    as one batch: right-padded with zeros (masked out) to the longest."""
+    if len(alone) == 1:
+        return alone[0]
+    frames = max(f.shape[-1] for f, _ in alone)
+    features = torch.zeros(len(alone), alone[0][0].shape[1], frames, dtype=torch.float32)
+    mask = torch.zeros(len(alone), frames, dtype=torch.int32)
+    for i, (f, m) in enumerate(alone):
+        features[i, :, : f.shape[-1]] = f[0]
+        mask[i, : m.shape[-1]] = m[0]
     return features, mask
 
 

@@ -28,7 +28,8 @@ import torch
 
 from ..config import ConfigError
 from ..errors import InputError, MediaError
-from .audio import DEFAULT_N_WINDOW, MelConfig, audio_token_count, load_audio, log_mel_features
+from .audio import DEFAULT_N_WINDOW, MelConfig, audio_token_count, load_audio, log_mel_features, stack_clip_features
+from .media_cache import MediaCache, PreparedClip, PreparedImage
 from .tokenizer import load_tokenizer
 from .image import VisionConfig, load_image, preprocess_images, recipe_resize_image
 from .video import (
@@ -359,6 +360,9 @@ class OmniProcessor:
         `padding` pads prompts of different lengths on `padding_side` ("left" as the reference);
         with ``padding=False`` they must be of equal length. `audio_per_clip`: each clip's mel
         features as if it came alone (see `log_mel_features`), not the reference's batch.
+        `images` and `audio` may hold `PreparedImage` / `PreparedClip` items (already processed, by
+        `prepare_messages` with a `MediaCache`; clips only with `audio_per_clip` or alone); their
+        digests then come along as ``item_digests`` (see `items.media_items`).
         """
         if return_tensors not in ("pt", None):
             raise InputError(f"return_tensors must be 'pt', got {return_tensors!r}")
@@ -373,18 +377,35 @@ class OmniProcessor:
         self._check_counts(texts, len(images), len(audio), len(videos), use_audio_in_video)
 
         out: dict[str, torch.Tensor] = {}
+        audio_digests: list[bytes | None] = [None] * len(audio)  # known for prepared items
+        image_digests: list[bytes | None] = [None] * len(images)
         audio_lengths: list[int] = []
         audio_inputs: dict[str, torch.Tensor] = {}
         if audio:
-            waves = [a if isinstance(a, np.ndarray) and a.ndim == 1 else load_audio(a, self.mel.sampling_rate)
-                     for a in audio]
-            features, mask = log_mel_features(waves, self.mel, per_clip=audio_per_clip)
+            def wave(a: Any) -> np.ndarray:
+                return a if isinstance(a, np.ndarray) and a.ndim == 1 else load_audio(a, self.mel.sampling_rate)
+
+            if any(isinstance(a, PreparedClip) for a in audio):
+                if not audio_per_clip and len(audio) > 1:
+                    raise InputError("prepared audio clips need audio_per_clip (their features are computed alone)")
+                alone = [(a.features, a.mask) if isinstance(a, PreparedClip) else log_mel_features([wave(a)], self.mel)
+                         for a in audio]
+                features, mask = stack_clip_features(alone) if len(alone) > 1 else (alone[0][0].clone(), alone[0][1].clone())
+                audio_digests = [a.digest if isinstance(a, PreparedClip) else None for a in audio]
+            else:
+                features, mask = log_mel_features([wave(a) for a in audio], self.mel, per_clip=audio_per_clip)
             audio_inputs = {"feature_attention_mask": mask, "input_features": features}
             audio_lengths = [int(n) for n in audio_token_count(mask.sum(-1), self.n_window)]
         image_grids: list[list[int]] = []
         if images:
-            loaded = [im if _is_image_like(im) else load_image(im) for im in images]
-            pixel_values, grid = preprocess_images(loaded, self.vision)
+            if any(isinstance(im, PreparedImage) for im in images):  # images are processed one by one anyway
+                done = [im if isinstance(im, PreparedImage) else self._prepare_image(im) for im in images]
+                pixel_values = torch.cat([im.pixel_values for im in done])  # a copy: the cache keeps its own
+                grid = torch.cat([im.grid_thw for im in done])
+                image_digests = [im.digest for im in done]
+            else:
+                loaded = [im if _is_image_like(im) else load_image(im) for im in images]
+                pixel_values, grid = preprocess_images(loaded, self.vision)
             out["pixel_values"] = pixel_values
             out["image_grid_thw"] = grid
             image_grids = grid.tolist()
@@ -409,7 +430,13 @@ class OmniProcessor:
         result = self._tokenize(expanded, padding, padding_side)
         result.update(out)
         result.update(audio_inputs)
+        if any(d is not None for d in audio_digests + image_digests):  # items.media_items' order
+            result["item_digests"] = audio_digests + image_digests + [None] * len(videos)
         return result
+
+    def _prepare_image(self, image: Any) -> PreparedImage:
+        loaded = image if _is_image_like(image) else load_image(image)
+        return PreparedImage.of(*preprocess_images([loaded], self.vision))
 
     def _check_counts(self, texts: list[str], n_images: int, n_audio: int, n_videos: int, use_audio_in_video: bool) -> None:
         """Fail before any media work when the placeholders and the inputs do not pair up."""
@@ -549,6 +576,8 @@ class OmniProcessor:
         use_audio_in_video: bool = False,
         *,
         recipe_resize: bool = True,
+        cache: MediaCache | None = None,
+        audio_per_clip: bool = False,
     ) -> tuple[list[np.ndarray], list[Any], list[VideoClip]]:
         """Load every media part of the conversations in order: (audios, images, videos).
 
@@ -558,6 +587,8 @@ class OmniProcessor:
         video's place. Part options honoured: image ``min_pixels`` / ``max_pixels``; video ``fps``,
         ``nframes``, ``min_frames``, ``max_frames``, ``min_pixels``, ``max_pixels``,
         ``total_pixels``, ``video_start``, ``video_end``; audio ``audio_start``, ``audio_end``.
+        With a `cache` (media_cache.py), images come back processed (`PreparedImage`), and so do
+        audio clips with `audio_per_clip` (`PreparedClip`), each done once while the cache holds it.
         """
         audios: list[np.ndarray] = []
         images: list[Any] = []
@@ -570,13 +601,28 @@ class OmniProcessor:
                 for part in content:
                     kind = part_kind(part)
                     if kind == "image":
-                        image = load_image(_part_source(part, "image"))
-                        if recipe_resize:
-                            image = _recipe_image(image, part)
-                        images.append(image)
+                        source = _part_source(part, "image")
+
+                        def image(source=source, part=part) -> Any:
+                            loaded = load_image(source)
+                            return _recipe_image(loaded, part) if recipe_resize else loaded
+
+                        if cache is None:
+                            images.append(image())
+                        else:
+                            options = (recipe_resize, part.get("min_pixels"), part.get("max_pixels"))
+                            images.append(cache.get("image", source, options, lambda image=image: self._prepare_image(image())))
                     elif kind == "audio":
-                        audios.append(load_audio(_part_source(part, "audio"), self.mel.sampling_rate,
-                                                 start=part.get("audio_start"), end=part.get("audio_end")))
+                        source, start, end = _part_source(part, "audio"), part.get("audio_start"), part.get("audio_end")
+
+                        def clip(source=source, start=start, end=end) -> np.ndarray:
+                            return load_audio(source, self.mel.sampling_rate, start=start, end=end)
+
+                        if cache is None or not audio_per_clip or self.mel.dither != 0.0:  # dither: random each call
+                            audios.append(clip())
+                        else:
+                            audios.append(cache.get("audio", source, (start, end),
+                                                    lambda clip=clip: PreparedClip.of(*log_mel_features([clip()], self.mel))))
                     elif kind == "video":
                         source = _part_source(part, "video")
                         if isinstance(source, (list, tuple)):  # a video given as a list of frames
@@ -618,6 +664,7 @@ class OmniProcessor:
         recipe_resize: bool = True,
         padding_side: str = "left",
         audio_per_clip: bool = False,
+        cache: MediaCache | None = None,
     ) -> dict[str, torch.Tensor]:
         """HF-recipe messages -> model inputs: load the media, render the template, process.
 
@@ -632,16 +679,23 @@ class OmniProcessor:
         1.0 fps default, i.e. 2.0; set ``use_sampled_fps=False`` on the processor for the recipe's
         value), and `recipe_resize=False` skips qwen-omni-utils' pre-resize of images and frames.
         `audio_per_clip` computes each audio clip's features alone (a third, opt-in difference).
+        `cache`: a `MediaCache` kept across the calls of one conversation: each image and (with
+        `audio_per_clip`) clip is processed once, for the same results; it then keeps only this
+        call's media.
         """
         batched = bool(messages) and isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
         text = self.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
                                         enable_thinking=enable_thinking, tools=tools)
-        audios, images, videos = self.load_media(conversations, use_audio_in_video, recipe_resize=recipe_resize)
+        audios, images, videos = self.load_media(conversations, use_audio_in_video, recipe_resize=recipe_resize,
+                                                 cache=cache, audio_per_clip=audio_per_clip)
         fps = None if self.use_sampled_fps else PROCESSOR_DEFAULT_FPS
-        return self(text, images=images or None, audio=audios or None, videos=videos or None,
-                    use_audio_in_video=use_audio_in_video, fps=fps, padding=True, padding_side=padding_side,
-                    video_float=recipe_resize, audio_per_clip=audio_per_clip)
+        inputs = self(text, images=images or None, audio=audios or None, videos=videos or None,
+                      use_audio_in_video=use_audio_in_video, fps=fps, padding=True, padding_side=padding_side,
+                      video_float=recipe_resize, audio_per_clip=audio_per_clip)
+        if cache is not None:
+            cache.finish_call()
+        return inputs
 
 
 def _frames_from_images(items: Sequence[Any], part: dict[str, Any], recipe_resize: bool) -> np.ndarray:

@@ -70,6 +70,8 @@ class ServeOptions:
     quantization: str | None = None  # fp8 | int8 | int4 (see weights/quant.py)
     kv_backend: str | None = None  # None: the engine's default
     max_model_len: int | None = None  # None: the model's
+    gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + activations + KV
+    max_prefill_tokens: int = 16384  # prompt tokens computed per step
     random_weights: bool = False  # full-size random weights, no checkpoint (benchmarks: --random-weights)
 
 
@@ -195,7 +197,9 @@ class ServerState:
         from ..engine import EngineConfig
 
         opts = self.opts
-        engine_config = EngineConfig(max_num_seqs=opts.max_num_seqs, max_model_len=opts.max_model_len)
+        engine_config = EngineConfig(max_num_seqs=opts.max_num_seqs, max_model_len=opts.max_model_len,
+                                     gpu_memory_utilization=opts.gpu_memory_utilization,
+                                     max_prefill_tokens=opts.max_prefill_tokens)
         if opts.kv_backend is not None:
             engine_config.kv_backend = opts.kv_backend
         try:

@@ -17,7 +17,9 @@ One `RealtimeSession` per socket, all on the event loop:
 
 Each turn re-sends the whole conversation, rendered by the chat template exactly as the earlier
 turns were (earlier answers as the assistant text that was heard), so an engine with prefix caching
-reuses the KV of everything before the new turn.
+reuses the KV of everything before the new turn (spoken answers too: the engine keeps the talker's
+hidden states of cached blocks). The session's `MediaCache` keeps each earlier clip's mel features
+and camera frame's patches, so a turn processes only its new media on the CPU.
 
 The speech comes from a `SpeechSource`: an async iterator of pcm16 (24 kHz) chunks per request.
 `StageSpeech` (used when the server's AsyncEngine has the streaming speech stage) carries the PCM
@@ -49,6 +51,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..audio_out import to_pcm16
 from ..errors import ContextLengthError, InputError
+from ..multimodal.media_cache import MediaCache
 from ..request import sampling_from
 from .async_engine import EngineDead
 from .protocol import APIError, error_body
@@ -239,6 +242,8 @@ class RealtimeSession:
         self.items: list[Item] = []
         self.buffer = AudioBuffer()
         self.images: list[bytes] = []
+        # each earlier clip's mel features and camera frame's patches, made once (every turn re-sends them)
+        self.media_cache = MediaCache()
         self.speech_override = speech  # a SpeechSource given here wins over the engine's speech stage
         self.speech = speech or ReferenceSpeech(st)
         self.response: RealtimeResponse | None = None
@@ -793,8 +798,10 @@ class RealtimeSession:
                 raise ProtocolError("there is no user turn to answer: commit audio or create a user item first",
                                     code="no_user_input")
             try:
-                # per-clip audio features: earlier turns' clips stay as they were, so their KV is reused
-                req = await st.run_cpu(omni.make_request, messages, sampling, speaker=speaker, audio_per_clip=True)
+                # per-clip audio features: earlier turns' clips stay as they were, so their KV is reused;
+                # the media cache processes only the clips and frames not seen in earlier turns
+                req = await st.run_cpu(omni.make_request, messages, sampling, speaker=speaker, audio_per_clip=True,
+                                       media_cache=self.media_cache)
             except InputError:
                 raise
             except Exception as exc:  # media the decoders refuse (a corrupt camera frame)
