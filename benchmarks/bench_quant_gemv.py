@@ -216,19 +216,28 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
         q, s, z = quantize(w, fmt, scale_dtype=torch.bfloat16)
         copies = [(q, s, z)] + [(q.clone(), s.clone(), None) for _ in range(copies_for(nbytes(q, s), l2) - 1)]
         exact = qg.quant_matmul_reference(x.float(), q, s, z, fmt)
-        for bn, warps, split, stages, bk in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2), (3, 4), (512,)):
-            if split > 1 and -(-n // bn) >= 4 * 132:
-                continue
-            cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        def run(cfg):
             try:
                 err = rel_err(gv.quant_gemv(x, q, s, z, fmt, config=cfg), exact)
                 us = time_graph(lambda i: gv.quant_gemv(x, *copies[i % len(copies)], fmt, config=cfg),
                                 max(calls, len(copies)))
             except Exception as exc:  # a tile the compiler rejects
                 rows.append({"case": name, "config": cfg, "error": str(exc)[:160]})
-                continue
+                return 1e9
             rows.append({"case": name, "config": cfg, "us": round(us, 2), "gb_s": round(nbytes(q, s) / us / 1e3, 1),
                          "rel_err": err})
+            return us
+
+        # tiles at 3 stages, then the pipeline depth of the best tile
+        tried = []
+        for bn, warps, split in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2)):
+            if split > 1 and -(-n // bn) >= 4 * 132:
+                continue
+            cfg = dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=split, num_warps=warps, num_stages=3)
+            tried.append((run(cfg), cfg))
+        best_cfg = min(tried, key=lambda r: r[0])[1]
+        for stages in (2, 4, 6):
+            run(dict(best_cfg, num_stages=stages))
         best = sorted((r for r in rows if r.get("case") == name and "us" in r), key=lambda r: r["us"])[:3]
         print(json.dumps({"sweep": name, "default": gv.gemv_config(1, n, k, fmt), "best": best}), flush=True)
         del copies, q, s, z, w
@@ -250,18 +259,23 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
             us = time_graph(lambda i: mg.quant_moe_gemv(x, a, b, *routes[i], config=cfg), calls)
         except Exception as exc:  # a tile the compiler rejects
             rows.append({"case": "moe", "config": cfg, "error": str(exc)[:160]})
-            return None
+            return 1e9
         rows.append({"case": "moe", "config": cfg, "us": round(us, 2), "rel_err": err})
         return us
 
-    # gate_up tiles with down at its default, then down tiles with the best gate_up
+    # gate_up tiles (down at its default), down tiles (gate_up at its best), then pipeline depth
     tried = []
-    for bn, w, st in itertools.product((4, 8, 16), (1, 2, 4), (3, 4)):
-        tile = dict(BLOCK_N_GU=bn, num_warps_gu=w, num_stages=st)
-        tried.append((run(dict(base, **tile)) or 1e9, tile))
-    best_gu = min(tried, key=lambda r: r[0])[1]
+    for bn, w in itertools.product((4, 8, 16), (1, 2, 4)):
+        cfg = dict(base, BLOCK_N_GU=bn, num_warps_gu=w)
+        tried.append((run(cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    tried = [(min(t[0] for t in tried), best_cfg)]
     for bn, w in itertools.product((2, 4, 8, 16), (1, 2, 4)):
-        run(dict(base, **best_gu, BLOCK_N_D=bn, num_warps_d=w))
+        cfg = dict(best_cfg, BLOCK_N_D=bn, num_warps_d=w)
+        tried.append((run(cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    for stages in (2, 4, 6):
+        run(dict(best_cfg, num_stages=stages))
     best = sorted((r for r in rows if r.get("case") == "moe" and "us" in r), key=lambda r: r["us"])[:3]
     print(json.dumps({"sweep": "moe", "default": base, "best": best}), flush=True)
     return rows

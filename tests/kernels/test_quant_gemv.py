@@ -66,7 +66,8 @@ def _check(x, q, s, z, fmt, bias, dtype, config=None, label=""):
 def test_gemv_matches_reference(method, group, sym, block, k, m):
     x, q, s, z, fmt, bias = _case(method, group, sym, block, k, m=m)
     assert gv.gemv_supported(fmt, k)
-    _check(x, q, s, z, fmt, bias if m % 2 else None, torch.float32, label=f"{method} g={group} sym={sym} block={block} m={m}")
+    label = f"{method} g={group} sym={sym} block={block} m={m}"
+    _check(x, q, s, z, fmt, bias if m % 2 else None, torch.float32, label=label)
 
 
 @pytest.mark.parametrize("method,group,sym,block,k", [FORMATS[1], FORMATS[4], FORMATS[7]])

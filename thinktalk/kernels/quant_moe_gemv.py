@@ -160,7 +160,7 @@ def _expert_args(w):
     q = packed_words(w.qweight, w.fmt)
     z, (szn, szk) = zero_args(w.zero, w.scale)
     sze = w.zero.stride(0) if w.zero is not None else 0
-    strides = (q.stride(0), q.stride(1), q.stride(2), w.scale.stride(0), w.scale.stride(1), w.scale.stride(2), sze, szn, szk)
+    strides = (*q.stride(), *w.scale.stride(), sze, szn, szk)
     consts = dict(HAS_ZERO=w.zero is not None, ZP=w.fmt.implicit_zero, SBN=w.fmt.block_n, SBK=w.fmt.block_k)
     return (q, w.scale, z), strides, consts
 
