@@ -8,7 +8,8 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
 Cases (M = 1 decode row by default, --rows for more):
   dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
          lm_head (151936 x 2048): bf16 F.linear (cuBLAS), int4 / int8 / fp8 GEMV; before this
-         change's numbers: the int4 tile GEMM (quant_matmul) and fp8 W8A8 (torch._scaled_mm)
+         change's numbers: the int4 tile GEMM (quant_matmul; int8 too for the lm_head, which is
+         int8 in every quantized variant) and fp8 W8A8 (torch._scaled_mm)
   moe    128 experts, hidden 2048, intermediate 768, top-8: bf16 fused MoE (kernels/fused_moe),
          int4 / int8 / fp8 GEMV MoE; before: the int4 tile fused MoE (quant_moe.quant_fused_moe)
 int formats are group 128 symmetric, fp8 per-channel (what --quantization int4 / int8 / fp8 write).
@@ -146,7 +147,7 @@ def dense_cases(name: str, n: int, k: int, rows: int, l2: int, calls: int, gen) 
         cfg = gv.gemv_config(rows, n, k, fmt)
         err = rel_err(gv.quant_gemv(x, q, s, z, fmt), exact)
         record(method, "gemv", lambda i: gv.quant_gemv(x, *copies[i % len(copies)], fmt), wb, err, cfg)
-        if method == "int4":  # the tile GEMM decode used before
+        if method == "int4" or (method == "int8" and name == "lm_head"):  # the tile GEMM decode used before
             err = rel_err(qg.quant_matmul(x, q, s, z, fmt), exact)
             record(method, "tile_gemm (before)", lambda i: qg.quant_matmul(x, *copies[i % len(copies)], fmt), wb, err)
         if method == "fp8" and qg.fp8_w8a8_supported(x.device):  # the W8A8 decode used before
@@ -283,9 +284,10 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
 
 def summary(cases: list[dict]) -> dict:
     """Matmul time of one thinker decode token (M = 1) per method, from the cases: 48 layers of
-    q/k/v/o + MoE, and the lm_head. bf16 runs q/k/v as one fused GEMM (the engine's fuse_qkv);
-    quantized q/k/v are three GEMVs (fuse_qkv leaves quantized projections alone); the lm_head is
-    int8 in every quantized variant (the quantization policy's heads group)."""
+    qkv (one GEMM / GEMV: the engine's fuse_qkv stacks float and quantized projections alike), o
+    and MoE, plus the lm_head, which is int8 in every quantized variant (the quantization
+    policy's heads group). "(before)": the tile kernels this change replaces at decode, with
+    q / k / v as three GEMMs (quantized projections were not stacked then)."""
     t = {(c["case"], c["method"], c["kernel"]): c["us"] for c in cases if c["rows"] == 1}
     out = {}
     for method, dense_k, moe_k in (("bf16", "cublas", "fused_moe"), ("int4", "gemv", "gemv_moe"),
@@ -293,12 +295,13 @@ def summary(cases: list[dict]) -> dict:
                                    ("int4 (before)", "tile_gemm (before)", "tile_fused_moe (before)")):
         m = method.split()[0]
         try:
-            if m == "bf16":
-                qkv = t[("qkv_fused", m, dense_k)]
-            else:
+            if "before" in method:
                 qkv = t[("q_proj", m, dense_k)] + 2 * t[("k_proj", m, dense_k)]
+                head = t[("lm_head", "int8", "tile_gemm (before)")]
+            else:
+                qkv = t[("qkv_fused", m, dense_k)]
+                head = t[("lm_head", "bf16", "cublas")] if m == "bf16" else t[("lm_head", "int8", "gemv")]
             layer = qkv + t[("o_proj", m, dense_k)] + t[("moe", m, moe_k)]
-            head = t[("lm_head", "bf16", "cublas")] if m == "bf16" else t[("lm_head", "int8", "gemv")]
         except KeyError:
             continue
         out[method] = {"layer_us": round(layer, 1), "lm_head_us": round(head, 1),

@@ -16,10 +16,13 @@ from thinktalk.kernels.quant_gemm import use_backend
 from thinktalk.layers.moe import SparseMoE
 from thinktalk.layers.quant_linear import QuantExperts, QuantLinear, install_quant_experts
 
-pytestmark = [
-    pytest.mark.skipif(quant_gemv.triton is None, reason="triton is not installed"),
-    pytest.mark.skipif(not interpreting(), reason="TRITON_INTERPRET=1 was not set before the kernels were imported"),
-]
+# the kernel-choice tests need the Triton kernels to run here (the CPU interpreter); the stacking
+# tests check the reference path always and the Triton path where it runs
+needs_triton = pytest.mark.skipif(
+    quant_gemv.triton is None or not interpreting(),
+    reason="TRITON_INTERPRET=1 was not set before the kernels were imported (or no triton)",
+)
+BACKENDS = ["reference"] + (["triton"] if quant_gemv.triton is not None and interpreting() else [])
 
 
 def _spy(monkeypatch, module, name):
@@ -34,6 +37,7 @@ def _spy(monkeypatch, module, name):
     return calls
 
 
+@needs_triton
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8"])
 def test_linear_picks_gemv_for_decode_rows(monkeypatch, method):
     gen = torch.Generator().manual_seed(0)
@@ -54,6 +58,7 @@ def test_linear_picks_gemv_for_decode_rows(monkeypatch, method):
     assert tiles == [quant_gemv.GEMV_MAX_M + 1]
 
 
+@needs_triton
 def test_moe_picks_gemv_for_decode_tokens(monkeypatch):
     torch.manual_seed(0)
     moe = SparseMoE(hidden_size=32, moe_intermediate_size=16, num_experts=4, top_k=2)
@@ -72,3 +77,76 @@ def test_moe_picks_gemv_for_decode_tokens(monkeypatch):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert gemv == [1, quant_moe_gemv.GEMV_MAX_TOKENS]
     assert tiles == [quant_moe_gemv.GEMV_MAX_TOKENS + 1]
+
+
+def _quantize_projections(module, names, fmt_for):
+    for name in names:
+        lin = getattr(module, name)
+        setattr(module, name, QuantLinear.from_linear(lin, fmt_for(lin.in_features)))
+
+
+@pytest.mark.parametrize("method,group,block", [("int4", 32, None), ("int8", None, None), ("fp8", None, 16)])
+def test_quantized_qkv_fuse_into_one_gemv(method, group, block):
+    from thinktalk.layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
+    from thinktalk.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(1)
+    attn = Attention(0, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    _quantize_projections(attn, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                          lambda k: resolve_format(method, k, group, sym=method != "int4", fp8_block=block))
+    keys = set(attn.state_dict())
+    cos, sin = RotaryEmbedding(16, 10000.0)(torch.arange(1))
+    x = torch.randn(1, 64)  # a decode row: the GEMV
+
+    def run():
+        return attn(x, cos, sin, ContiguousKV([SequenceKV()], [1]))
+
+    with use_backend("reference"):
+        want = run()
+    assert fuse_qkv(attn) and attn.qkv_proj.weight.shape == (64 + 32 + 32, 64)
+    assert set(attn.state_dict()) == keys  # the stack is not a submodule
+    stack = attn.qkv_proj.weight.qweight
+    assert all(p.weight.qweight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # views: no second copy
+    for backend in BACKENDS:
+        with use_backend(backend):
+            torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-4)
+    # loading weights into the parts after fusing reaches the stack
+    with torch.no_grad():
+        attn.v_proj.weight.scale.mul_(2)  # (one key: k cannot change the output)
+    with use_backend("reference"):
+        changed = run()
+    assert not torch.allclose(changed, want)
+
+
+def test_quantized_projections_that_cannot_stack_stay_apart():
+    from thinktalk.layers.attention import Attention, fuse_qkv
+    from thinktalk.layers.mlp import GatedMLP, fuse_gate_up
+
+    attn = Attention(0, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    # fp8 blocks of 48 rows: k_proj's 32 rows end inside a scale block
+    _quantize_projections(attn, ("q_proj", "k_proj", "v_proj"), lambda k: resolve_format("fp8", k, fp8_block=48))
+    assert not fuse_qkv(attn) and attn.qkv_proj is None
+    mlp = GatedMLP(32, 24)
+    mlp.gate_proj = QuantLinear.from_linear(mlp.gate_proj, resolve_format("int4", 32, 16))
+    mlp.up_proj = QuantLinear.from_linear(mlp.up_proj, resolve_format("int8", 32, 16))  # another format
+    assert not fuse_gate_up(mlp) and mlp.gate_up_proj is None
+
+
+def test_quantized_gate_up_fuse():
+    from thinktalk.kernels import activation
+    from thinktalk.layers.mlp import GatedMLP, fuse_gate_up
+
+    torch.manual_seed(2)
+    mlp = GatedMLP(64, 48)
+    _quantize_projections(mlp, ("gate_proj", "up_proj", "down_proj"), lambda k: resolve_format("int4", k, 16, sym=False))
+    x = torch.randn(2, 64)
+    with use_backend("reference"):
+        want = mlp(x)
+    assert fuse_gate_up(mlp) and mlp.gate_up_proj.weight.shape == (96, 64)
+    mlp.act_mul_kernel = activation.silu_mul
+    for backend in BACKENDS:
+        with use_backend(backend):
+            torch.testing.assert_close(mlp(x), want, rtol=1e-4, atol=1e-4)

@@ -192,7 +192,8 @@ def test_kernel_warm_up_leaves_no_state(model):
 
 def test_quantized_static_decode_through_the_gemv_kernels(model):
     """Decoder layers quantized: the static decode step with the Triton kernels (GEMVs for the
-    few decode rows, CPU interpreter) yields the greedy tokens of the reference path."""
+    few decode rows, q/k/v stacked into one, CPU interpreter) yields the greedy tokens of the
+    reference path."""
     import copy
 
     from thinktalk.kernels import quant_gemv, quant_moe_gemv
@@ -223,8 +224,9 @@ def test_quantized_static_decode_through_the_gemv_kernels(model):
         quant_gemv.quant_gemv = count("gemv", gemv)
         quant_moe_gemv.quant_moe_gemv = count("moe", moe)
         with use_backend("triton"):
-            engine = _run(qmodel, _graphed(max_graph_batch=2), got)
+            engine = _run(qmodel, _graphed(max_graph_batch=2, layer_kernels="triton"), got)
     finally:
         quant_gemv.quant_gemv, quant_moe_gemv.quant_moe_gemv = gemv, moe
     assert engine.decode_graphs.steps > 0 and calls["gemv"] > 0 and calls["moe"] > 0
+    assert qmodel.thinker.model.layers[0].self_attn.qkv_proj is not None  # fuse_qkv stacked the quantized q/k/v
     assert [r.output_ids for r in got] == [r.output_ids for r in ref]

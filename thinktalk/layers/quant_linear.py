@@ -189,6 +189,42 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+@torch.no_grad()
+def stack_quant_linears(linears) -> "QuantLinear | None":
+    """One QuantLinear computing several bias-free QuantLinears of the same input as one product
+    (their outputs side by side), their weights becoming row views of its buffers: no second copy
+    once their old buffers are dropped, and loading weights into the parts updates the stack.
+
+    None where they cannot share one: a bias, different formats / dtypes / devices, or a part
+    whose rows do not end on a scale block (fp8 128 x 128 blocks need multiples of 128).
+    The stack is what fuse_qkv / fuse_gate_up keep beside the parts (not a registered submodule,
+    so state dicts keep the parts' names, as with their float stacks).
+    """
+    if not linears or any(type(lin) is not QuantLinear or lin.bias is not None for lin in linears):
+        return None
+    parts = [lin.weight for lin in linears]
+    first = parts[0]
+    key = (first.fmt, first.in_features, first.compute_dtype, first.scale.dtype, first.device, first.act_quant)
+    if any((w.fmt, w.in_features, w.compute_dtype, w.scale.dtype, w.device, w.act_quant) != key for w in parts):
+        return None
+    bn = first.fmt.block_n
+    if any(w.qweight.shape[-2] % bn for w in parts[:-1]):
+        return None
+    total = sum(w.qweight.shape[-2] for w in parts)
+    stack = QuantLinear(first.in_features, total, False, first.fmt, first.compute_dtype, first.device, first.act_quant)
+    start = 0
+    for w in parts:
+        rows = slice(start, start + w.qweight.shape[-2])
+        stack.weight.store_(w.qweight, w.scale, w.zero, rows=rows)
+        srows = slice(rows.start // bn, -(-rows.stop // bn))
+        w.qweight = stack.weight.qweight[rows]
+        w.scale = stack.weight.scale[srows]
+        if w.zero is not None:
+            w.zero = stack.weight.zero[srows]
+        start = rows.stop
+    return stack
+
+
 def dequantize_rows(w: "QuantWeight", ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` ([..] int) of a 2-D QuantWeight with one scale row per weight row, in its compute
     dtype: equal to w.dequantize()[ids] bit for bit, without dequantizing the table.
