@@ -334,7 +334,7 @@ def chunk_consts(fmt: QFormat, k: int, block_k: int) -> dict:
     gk = block_k if fmt.block_k >= k else _pow2_divisor(fmt.block_k, block_k)
     scales = "row" if fmt.block_k >= k else "chunk" if gk == fmt.block_k else "any"
     return dict(G=block_k // gk, GK=gk, SCALES=scales, EVEN_K=k % block_k == 0,
-                FMT=fmt.method, ASM=not interpreting())
+                FMT=fmt.method, ASM=not interpreting() and torch.version.hip is None)  # PTX: NVIDIA only
 
 
 def packed_words(qweight: torch.Tensor, fmt: QFormat) -> torch.Tensor:
