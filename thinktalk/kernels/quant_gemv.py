@@ -357,11 +357,16 @@ def step_columns(k: int, method: str) -> int:
     return min(target, max(16, triton.next_power_of_2(k)))
 
 
-def rows_per_program(blocks: int, rows: int, num_sms: int, most: int = 16) -> int:
+# Programs a launch should have at least: about two per SM of a 132-SM H100 / H200, every one
+# resident at once, so together they keep enough loads in flight.
+MIN_PROGRAMS = 256
+
+
+def rows_per_program(blocks: int, rows: int, most: int = 16) -> int:
     """BLOCK_N: the most of 16/8/4/2 rows that still gives `blocks` x rows / BLOCK_N programs >=
-    ~2 per SM (hundreds of programs for N = 2048..8192; 16 rows for the lm_head's 151936)."""
+    MIN_PROGRAMS (N = 2048: 8 rows; 16 rows for N >= 4096 and the lm_head's 151936)."""
     bn = most
-    while bn > 2 and blocks * -(-rows // bn) < 2 * num_sms:
+    while bn > 2 and blocks * -(-rows // bn) < MIN_PROGRAMS:
         bn //= 2
     return bn
 
@@ -373,18 +378,24 @@ def warps_for(block_n: int, block_k: int, method: str) -> int:
     return max(1, min(4, block_n * row_bytes // (32 * 32)))
 
 
-def gemv_config(m: int, n: int, k: int, fmt: QFormat, num_sms: int = 132) -> dict:
+# Steps of the K loop in flight (Triton's pipeliner: stages - 1 loading while one is summed). A
+# decode GEMV is latency-bound: K = 2048 at int4 is 4 steps, so 4 stages issue nearly all of a
+# program's loads at once; a few KiB of shared memory per stage.
+DEFAULT_STAGES = 4
+
+
+def gemv_config(m: int, n: int, k: int, fmt: QFormat) -> dict:
     """Tiles for the Qwen3-Omni shapes (N = 512..151936, K = 768..4096); split-K where N alone
     cannot fill the GPU and K has steps to spare (at least 4 per split)."""
     block_k = step_columns(k, fmt.method)
-    block_n = rows_per_program(1, n, num_sms)
+    block_n = rows_per_program(1, n)
     programs = -(-n // block_n)
     steps = -(-k // block_k)
     split = 1
-    while programs * split < 2 * num_sms and steps // (2 * split) >= 4:
+    while programs * split < MIN_PROGRAMS and steps // (2 * split) >= 4:
         split *= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps_for(block_n, block_k, fmt.method),
-                num_stages=3)
+                num_stages=DEFAULT_STAGES)
 
 
 def quant_gemv(
@@ -418,7 +429,7 @@ def quant_gemv(
         0 if split == 1 else target.stride(0), target.stride(-2), target.stride(-1),
         HAS_ZERO=zero is not None, ZP=fmt.implicit_zero, SBN=fmt.block_n, SBK=fmt.block_k,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
-        **chunk_consts(fmt, k, block_k), STAGES=cfg.get("num_stages", 3), num_warps=cfg.get("num_warps", 4),
+        **chunk_consts(fmt, k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
     )
     if split > 1:
         block = 1024

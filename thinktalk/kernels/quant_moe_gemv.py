@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .common import available, triton
 from .quant_gemv import (
-    _load_scales, _step_dot, chunk_consts, gemv_supported, packed_words, rows_per_program, step_columns, warps_for,
+    DEFAULT_STAGES, _load_scales, _step_dot, chunk_consts, gemv_supported, packed_words, rows_per_program,
+    step_columns, warps_for,
 )
 from .quant_gemm import zero_args
 from .quant_moe import quant_moe_reference
@@ -113,7 +114,7 @@ if triton is not None:
         stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk, stride_ze, stride_zn, stride_zk,
         stride_om, stride_on,
         FMT: tl.constexpr, HAS_ZERO: tl.constexpr, ZP: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
+        TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
         SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
     ):
         BK: tl.constexpr = G * GK
@@ -122,8 +123,15 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hidden_size
         total = TOP_K * k_steps
-        # iteration it + 1's expert and scales are loaded during iteration it (by hand, see quant_gemv)
-        expert_next = tl.load(ids_ptr + token * TOP_K).to(tl.int64)
+        # the token's experts and routing weights, loaded once: in the loop an iteration's expert
+        # is picked from registers, so the weight addresses of later iterations follow from the
+        # loop index alone and Triton's pipeliner can load them ahead (an expert id loaded in the
+        # loop made every iteration wait for its own weights)
+        slots = tl.arange(0, SLOTS)
+        experts = tl.load(ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=0).to(tl.int64)
+        routes = tl.load(weights_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=0.0).to(tl.float32)
+        # iteration it + 1's scales are loaded during iteration it (by hand, see quant_gemv)
+        expert_next = tl.sum(tl.where(slots == 0, experts, 0))
         scale_next, zero_next = _load_scales(
             s_ptr + expert_next * stride_se, z_ptr + expert_next * stride_ze, offs_n, n_ok, 0, inter_size,
             stride_sn, stride_sk, stride_zn, stride_zk, HAS_ZERO, SBN, SBK, G, GK, SCALES, EVEN_K)
@@ -132,16 +140,16 @@ if triton is not None:
             slot = it // k_steps
             k0 = (it - slot * k_steps) * BK
             pair = token * TOP_K + slot
-            expert = expert_next
+            expert = tl.sum(tl.where(slots == slot, experts, 0))
+            route_w = tl.sum(tl.where(slots == slot, routes, 0.0))
             scale, zero = scale_next, zero_next
             nxt = it + 1
             slot_next = nxt // k_steps
-            expert_next = tl.load(ids_ptr + token * TOP_K + slot_next, mask=nxt < total, other=0).to(tl.int64)
+            expert_next = tl.sum(tl.where(slots == slot_next, experts, 0))
             scale_next, zero_next = _load_scales(
                 s_ptr + expert_next * stride_se, z_ptr + expert_next * stride_ze, offs_n, n_ok & (nxt < total),
                 (nxt - slot_next * k_steps) * BK, inter_size, stride_sn, stride_sk, stride_zn, stride_zk,
                 HAS_ZERO, SBN, SBK, G, GK, SCALES, EVEN_K)
-            route_w = tl.load(weights_ptr + pair).to(tl.float32)
             # the routing weight rides on the scale (both multiply the per-group sums)
             acc = _step_dot(acc, a_ptr + pair * stride_am, 0, stride_ak, 1, q_ptr + expert * stride_qe,
                             stride_qn, stride_qk, offs_n, n_ok, k0, inter_size, inter_q, scale * route_w, zero,
@@ -165,14 +173,14 @@ def _expert_args(w):
     return (q, w.scale, z), strides, consts
 
 
-def moe_gemv_config(tokens: int, top_k: int, hidden: int, inter: int, method: str, num_sms: int = 132) -> dict:
+def moe_gemv_config(tokens: int, top_k: int, hidden: int, inter: int, method: str) -> dict:
     """gate_up: programs = pairs x I / BLOCK_N; down: tokens x H / BLOCK_N (see quant_gemv)."""
     bk_gu, bk_d = step_columns(hidden, method), step_columns(inter, method)
-    bn_gu = rows_per_program(tokens * top_k, inter, num_sms)
-    bn_d = rows_per_program(tokens, hidden, num_sms)
+    bn_gu = rows_per_program(tokens * top_k, inter)
+    bn_d = rows_per_program(tokens, hidden)
     return dict(
         BLOCK_N_GU=bn_gu, BLOCK_K_GU=bk_gu, num_warps_gu=warps_for(2 * bn_gu, bk_gu, method),
-        BLOCK_N_D=bn_d, BLOCK_K_D=bk_d, num_warps_d=warps_for(bn_d, bk_d, method), num_stages=3,
+        BLOCK_N_D=bn_d, BLOCK_K_D=bk_d, num_warps_d=warps_for(bn_d, bk_d, method), num_stages=DEFAULT_STAGES,
     )
 
 
@@ -194,7 +202,7 @@ def quant_moe_gemv(
     if n == 0:
         return torch.zeros_like(hidden)
     cfg = config or moe_gemv_config(n, top_k, hidden_size, inter, gate_up.fmt.method)
-    stages = cfg.get("num_stages", 3)
+    stages = cfg.get("num_stages", DEFAULT_STAGES)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     nk = ids.numel()
@@ -217,7 +225,8 @@ def quant_moe_gemv(
         inter_act, *ptrs, ids, weights, out,
         hidden_size, inter, ptrs[0].shape[-1], triton.cdiv(inter, bk),
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
-        **consts, **chunk_consts(down.fmt, inter, bk), TOP_K=top_k, BLOCK_N=bn, STAGES=stages,
+        **consts, **chunk_consts(down.fmt, inter, bk), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k),
+        BLOCK_N=bn, STAGES=stages,
         num_warps=cfg.get("num_warps_d", 4),
     )
     return out
