@@ -150,3 +150,30 @@ def test_quantized_gate_up_fuse():
     for backend in BACKENDS:
         with use_backend(backend):
             torch.testing.assert_close(mlp(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizing_after_fusing_drops_the_float_stack():
+    """quantize_model_ on a model whose q/k/v an engine already stacked (fuse_qkv): the stale
+    float stack must not keep computing the projections."""
+    from thinktalk.layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
+    from thinktalk.layers.rotary import RotaryEmbedding
+    from thinktalk.weights.quant import quantize_model_
+
+    torch.manual_seed(3)
+    layer = nn.Module()
+    layer.self_attn = Attention(0, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    assert fuse_qkv(layer.self_attn) and layer.self_attn.qkv_weight is not None
+    quantize_model_(layer, "int4", group_size=32, include=[], prefix="thinker.model.layers.0.")
+    attn = layer.self_attn
+    assert isinstance(attn.q_proj, QuantLinear) and attn.qkv_weight is None
+    cos, sin = RotaryEmbedding(16, 10000.0)(torch.arange(3))
+    x = torch.randn(3, 64)
+    with use_backend("reference"):
+        got = attn(x, cos, sin, ContiguousKV([SequenceKV()], [3]))
+        q = attn.q_proj(x)
+    assert fuse_qkv(attn) and attn.qkv_proj is not None  # fused again, now quantized
+    with use_backend("reference"):
+        torch.testing.assert_close(attn(x, cos, sin, ContiguousKV([SequenceKV()], [3])), got, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn.qkv_proj(x)[:, :64], q, rtol=1e-5, atol=1e-5)
