@@ -188,3 +188,46 @@ def test_kernel_warm_up_leaves_no_state(model):
     ref = _requests()[:2]
     _run(model, EngineConfig(), ref)
     assert [r.output_ids for r in got] == [r.output_ids for r in ref]
+
+
+def test_quantized_static_decode_through_the_gemv_kernels():
+    """Decoder layers quantized: the static decode step with the Triton kernels (GEMVs for the
+    few decode rows, q/k/v stacked into one, CPU interpreter) yields the greedy tokens of the
+    reference path."""
+    import copy
+
+    from thinktalk.kernels import quant_gemv, quant_moe_gemv
+    from thinktalk.kernels.common import interpreting
+    from thinktalk.kernels.quant_gemm import use_backend
+    from thinktalk.weights.quant import QuantConfig, quantize_model_
+
+    if not interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before the kernels were imported")
+    # a model of its own: another test's engine stacked the shared one's float q/k/v
+    qmodel = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), seed=3)
+    quantize_model_(qmodel, QuantConfig.parse("int4-asym-g32-decoders"))  # lm_head stays fp32 (152k rows)
+    ref = _requests()[:2]
+    for r in ref:
+        r.sampling.max_new_tokens = 4
+    got = copy.deepcopy(ref)
+    with use_backend("reference"):
+        _run(qmodel, EngineConfig(), ref)
+    calls = {"gemv": 0, "moe": 0}
+    gemv, moe = quant_gemv.quant_gemv, quant_moe_gemv.quant_moe_gemv
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    try:
+        quant_gemv.quant_gemv = count("gemv", gemv)
+        quant_moe_gemv.quant_moe_gemv = count("moe", moe)
+        with use_backend("triton"):
+            engine = _run(qmodel, _graphed(max_graph_batch=2, layer_kernels="triton"), got)
+    finally:
+        quant_gemv.quant_gemv, quant_moe_gemv.quant_moe_gemv = gemv, moe
+    assert engine.decode_graphs.steps > 0 and calls["gemv"] > 0 and calls["moe"] > 0
+    assert qmodel.thinker.model.layers[0].self_attn.qkv_proj is not None  # fuse_qkv stacked the quantized q/k/v
+    assert [r.output_ids for r in got] == [r.output_ids for r in ref]

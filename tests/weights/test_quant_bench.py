@@ -39,3 +39,21 @@ def test_bench_quant_dry_run(tmp_path):
     assert all(0 < e["max"] < 0.03 for e in parts["summary"].values())
     assert 0 < parts["audio_encoder_output"] < 0.05 and parts["lm_head_logits"]["top1_agreement"] > 0.9
     assert res["variants"]["fp8"]["part_errors"]["summary"]["encoders (fp8)"]["max"] < 0.1
+
+
+def test_bench_quant_gemv_dry_run(tmp_path):
+    """benchmarks/bench_quant_gemv.py end to end at tiny shapes on the CPU (Triton interpreter):
+    every case runs, its kernel agrees with its reference, the JSON has what the GPU run reports."""
+    out = tmp_path / "gemv.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quant_gemv.py"), "--tiny", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["command"] and res["device"] and res["versions"]["triton"]
+    kernels = {(c["case"], c["method"], c["kernel"]) for c in res["cases"]}
+    for case in ("qkv_fused", "q_proj", "k_proj", "o_proj", "lm_head"):
+        assert {(case, m, "gemv") for m in ("int4", "int8", "fp8")} <= kernels and (case, "bf16", "cublas") in kernels
+    assert {("moe", m, "gemv_moe") for m in ("int4", "int8", "fp8")} <= kernels and ("moe", "bf16", "fused_moe") in kernels
+    assert all(c["rel_err"] < 0.02 and c["us"] > 0 and c["gb_s"] >= 0 for c in res["cases"])
+    assert set(res["summary"]) >= {"bf16", "int4", "int8", "fp8"}

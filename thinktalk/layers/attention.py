@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.rope import qk_norm_rope_reference
+from .quant_linear import QuantLinear, stack_quant_linears
 from .norm import RMSNorm
 
 
@@ -27,8 +28,10 @@ class AttentionBackend(Protocol):
 class Attention(nn.Module):
     # q/k RMSNorm + rotary; the engine swaps in the fused Triton kernel (kernels/rope.py) on GPU
     qk_kernel = staticmethod(qk_norm_rope_reference)
-    # q, k and v projections in one GEMM: set by `fuse_qkv` (their weights become views of it)
+    # q, k and v projections in one GEMM: set by `fuse_qkv` (their weights become views of it);
+    # quantized projections: one QuantLinear over their stacked rows instead
     qkv_weight: torch.Tensor | None = None
+    qkv_proj: nn.Module | None = None
 
     def __init__(
         self,
@@ -60,8 +63,9 @@ class Attention(nn.Module):
         store: (k_cache, v_cache, slots) of a backend that lets the q/k kernel write the new keys
         and values into its cache (`store_target`), then attends with `attend_stored`."""
         n = x.shape[0]
-        if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight).split(
+        if self.qkv_weight is not None or self.qkv_proj is not None:
+            qkv = F.linear(x, self.qkv_weight) if self.qkv_weight is not None else self.qkv_proj(x)
+            q, k, v = qkv.split(
                 [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -81,10 +85,17 @@ class Attention(nn.Module):
 
 def fuse_qkv(attn: Attention) -> bool:
     """Stack q/k/v_proj's weights into one tensor, theirs becoming views of it (no extra memory),
-    so the three projections are one GEMM. Only plain bias-free Linears of one dtype (quantized
-    projections keep their own kernels). Returns whether it fused."""
+    so the three projections are one GEMM. Plain bias-free Linears of one dtype, or QuantLinears
+    of one format (`stack_quant_linears`: one quantized GEMV at decode instead of three launches).
+    Returns whether it fused."""
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if attn.qkv_weight is not None:
+    if attn.qkv_weight is not None or attn.qkv_proj is not None:
+        return True
+    if all(isinstance(p, QuantLinear) for p in projs):
+        stack = stack_quant_linears(projs)
+        if stack is None:
+            return False
+        object.__setattr__(attn, "qkv_proj", stack)  # not a submodule: state dicts keep q/k/v_proj
         return True
     if any(type(p) is not nn.Linear or p.bias is not None for p in projs):
         return False

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.activation import silu_mul_reference
+from .quant_linear import QuantLinear, stack_quant_linears
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -18,6 +19,7 @@ class GatedMLP(nn.Module):
     # followed by `act_mul_kernel` (SiLU-and-multiply; the engine swaps in kernels/activation.py's
     # Triton kernel on GPU)
     gate_up_weight: torch.Tensor | None = None
+    gate_up_proj: nn.Module | None = None  # quantized projections: one QuantLinear over both
     act_mul_kernel = staticmethod(silu_mul_reference)
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
@@ -28,8 +30,9 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate_up = F.linear(x.reshape(-1, x.shape[-1]), self.gate_up_weight)
+        if self.gate_up_weight is not None or self.gate_up_proj is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            gate_up = F.linear(x2, self.gate_up_weight) if self.gate_up_weight is not None else self.gate_up_proj(x2)
             return self.down_proj(self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
@@ -37,9 +40,16 @@ class GatedMLP(nn.Module):
 def fuse_gate_up(mlp: GatedMLP) -> bool:
     """Stack gate_proj's and up_proj's weights into one tensor, theirs becoming views of it (no
     extra memory), so the two projections are one GEMM. Only SiLU blocks of plain bias-free
-    Linears of one dtype (quantized projections keep their own kernels). Returns whether it fused."""
+    Linears of one dtype, or QuantLinears of one format (`stack_quant_linears`). Returns whether
+    it fused."""
     projs = (mlp.gate_proj, mlp.up_proj)
-    if mlp.gate_up_weight is not None:
+    if mlp.gate_up_weight is not None or mlp.gate_up_proj is not None:
+        return True
+    if mlp.act is F.silu and all(isinstance(p, QuantLinear) for p in projs):
+        stack = stack_quant_linears(projs)
+        if stack is None:
+            return False
+        object.__setattr__(mlp, "gate_up_proj", stack)  # not a submodule: state dicts keep the parts
         return True
     if mlp.act is not F.silu or any(type(p) is not nn.Linear or p.bias is not None for p in projs):
         return False

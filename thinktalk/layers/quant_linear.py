@@ -10,11 +10,14 @@
 
 Where each product runs (thinktalk.kernels.quant_gemm.set_backend can force one):
 
-    int4 / int8   Triton weight-only GEMM / fused MoE (CUDA; CPU under TRITON_INTERPRET=1),
-                  else the reference: dequantize on the fly, then the plain product
-    fp8 linear    CUDA with fp8 tensor cores (sm >= 8.9) and act_quant: W8A8 (torch._scaled_mm
-                  for per-channel scales, Triton for 128x128 blocks), dynamic per-token
-                  activation scales; other CUDA: weight-only Triton; CPU: dequantize on the fly
+    decode        up to GEMV_MAX_M rows (quant_gemv) / GEMV_MAX_TOKENS tokens (quant_moe_gemv), any
+                  method: the weight-only Triton GEMVs (memory-bound: one program per few output
+                  rows, codes dequantized in registers; fp8 included, activations not quantized)
+    int4 / int8   more rows: Triton weight-only GEMM / fused MoE (CUDA; CPU under
+                  TRITON_INTERPRET=1), else the reference: dequantize on the fly, then the product
+    fp8 linear    more rows, CUDA with fp8 tensor cores (sm >= 8.9) and act_quant: W8A8
+                  (torch._scaled_mm for per-channel scales, Triton for 128x128 blocks), dynamic
+                  per-token activation scales; other CUDA: weight-only Triton; CPU: dequantize
     fp8 experts   weight-only (fp8 tiles dequantized in the grouped-GEMM kernel)
 
 Weights are held as buffers (not parameters), so `model.to(device)` moves them; casting the
@@ -29,6 +32,7 @@ from torch import nn
 
 from ..kernels.quant_format import QFormat, dequantize, quantize, unpack_int4
 from ..kernels import quant_gemm as qg
+from ..kernels import quant_gemv as gv
 
 
 class QuantWeight(nn.Module):
@@ -142,9 +146,14 @@ def quant_linear_apply(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | Non
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     fmt = w.fmt
-    if fmt.method == "fp8" and w.act_quant and qg.use_triton(x.device) and qg.fp8_w8a8_supported(x.device):
+    triton_ok = qg.use_triton(x.device)
+    if triton_ok and x2.shape[0] <= gv.GEMV_MAX_M and gv.gemv_supported(fmt, x2.shape[1]):
+        # decode: the weight-only GEMV (fp8 too: at a few rows fp8 tensor cores would idle on a
+        # 16-row tile, and dequantizing in registers keeps the activations exact)
+        out = gv.quant_gemv(x2, w.qweight, w.scale, w.zero, fmt, bias)
+    elif fmt.method == "fp8" and w.act_quant and triton_ok and qg.fp8_w8a8_supported(x.device):
         out = qg.w8a8_fp8_matmul(x2, w.qweight, w.scale, None, fmt, bias)
-    elif qg.use_triton(x.device):
+    elif triton_ok:
         out = qg.quant_matmul(x2, w.qweight, w.scale, w.zero, fmt, bias)
     else:
         out = qg.quant_matmul_reference(x2, w.qweight, w.scale, w.zero, fmt, bias)
@@ -178,6 +187,42 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def stack_quant_linears(linears) -> "QuantLinear | None":
+    """One QuantLinear computing several bias-free QuantLinears of the same input as one product
+    (their outputs side by side), their weights becoming row views of its buffers: no second copy
+    once their old buffers are dropped, and loading weights into the parts updates the stack.
+
+    None where they cannot share one: a bias, different formats / dtypes / devices, or a part
+    whose rows do not end on a scale block (fp8 128 x 128 blocks need multiples of 128).
+    The stack is what fuse_qkv / fuse_gate_up keep beside the parts (not a registered submodule,
+    so state dicts keep the parts' names, as with their float stacks).
+    """
+    if not linears or any(type(lin) is not QuantLinear or lin.bias is not None for lin in linears):
+        return None
+    parts = [lin.weight for lin in linears]
+    first = parts[0]
+    key = (first.fmt, first.in_features, first.compute_dtype, first.scale.dtype, first.device, first.act_quant)
+    if any((w.fmt, w.in_features, w.compute_dtype, w.scale.dtype, w.device, w.act_quant) != key for w in parts):
+        return None
+    bn = first.fmt.block_n
+    if any(w.qweight.shape[-2] % bn for w in parts[:-1]):
+        return None
+    total = sum(w.qweight.shape[-2] for w in parts)
+    stack = QuantLinear(first.in_features, total, False, first.fmt, first.compute_dtype, first.device, first.act_quant)
+    start = 0
+    for w in parts:
+        rows = slice(start, start + w.qweight.shape[-2])
+        stack.weight.store_(w.qweight, w.scale, w.zero, rows=rows)
+        srows = slice(rows.start // bn, -(-rows.stop // bn))
+        w.qweight = stack.weight.qweight[rows]
+        w.scale = stack.weight.scale[srows]
+        if w.zero is not None:
+            w.zero = stack.weight.zero[srows]
+        start = rows.stop
+    return stack
 
 
 def dequantize_rows(w: "QuantWeight", ids: torch.Tensor) -> torch.Tensor:
@@ -234,8 +279,11 @@ class QuantEmbedding(nn.Module):
 def quant_experts_fn(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act=F.silu) -> torch.Tensor:
     """SparseMoE.experts_fn for QuantExperts (signature of layers.moe.moe_reference)."""
     from ..kernels.quant_moe import quant_fused_moe, quant_moe_reference
+    from ..kernels.quant_moe_gemv import GEMV_MAX_TOKENS, moe_gemv_supported, quant_moe_gemv
 
     if act is F.silu and qg.use_triton(hidden.device):
+        if hidden.shape[0] <= GEMV_MAX_TOKENS and moe_gemv_supported(gate_up_proj, down_proj):
+            return quant_moe_gemv(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
         return quant_fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
     return quant_moe_reference(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
 

@@ -184,7 +184,12 @@ class QuantConfig:
 # -- in-place quantization of a built model ----------------------------------------------------
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, child, module)
+    # a q/k/v or gate/up stack (engine's fuse_qkv / fuse_gate_up) still holds the replaced
+    # projection's weights: drop it, the projections run on their own (until fused again)
+    for stack in ("qkv_weight", "qkv_proj", "gate_up_weight", "gate_up_proj"):
+        owner.__dict__.pop(stack, None)
 
 
 def quantized_module_names(model: nn.Module, qcfg: QuantConfig, prefix: str = "") -> tuple[list[str], list[str]]:

@@ -1,0 +1,368 @@
+"""Decode-GEMV micro-benchmark: bf16 (cuBLAS / fused MoE) against the int4 / int8 / fp8 weight-only
+GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's shapes, one GPU.
+
+    python benchmarks/bench_quant_gemv.py --out benchmarks/results/quant_gemv_h200.json
+    python benchmarks/bench_quant_gemv.py --out ... --sweep     # + a tile sweep of the int4 GEMVs
+    python benchmarks/bench_quant_gemv.py --out ... --tiny      # CPU dry run (Triton interpreter)
+
+Cases (M = 1 decode row by default, --rows for more):
+  dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
+         lm_head (151936 x 2048): bf16 F.linear (cuBLAS), int4 / int8 / fp8 GEMV; before this
+         change's numbers: the int4 tile GEMM (quant_matmul; int8 too for the lm_head, which is
+         int8 in every quantized variant) and fp8 W8A8 (torch._scaled_mm)
+  moe    128 experts, hidden 2048, intermediate 768, top-8: bf16 fused MoE (kernels/fused_moe),
+         int4 / int8 / fp8 GEMV MoE; before: the int4 tile fused MoE (quant_moe.quant_fused_moe)
+int formats are group 128 symmetric, fp8 per-channel (what --quantization int4 / int8 / fp8 write).
+
+Timing: each case is captured as a CUDA graph of `--calls` calls (decode steps replay graphs, so
+host launch overhead is not what is measured) and the graph replayed; µs per call = the replays'
+elapsed time / calls. A decode step reads weights that are not in L2 (48 layers of them), so the
+calls cycle over copies of the weight whose total exceeds 4x the L2 cache, and every MoE call gets
+its own random routing. GB/s = bytes one call must read (packed weight + scales + zeros, x; MoE:
+the experts of its 8 pairs) / time. Every kernel's output is checked against its torch reference
+(relative max error in the JSON). Needs torch + triton + this repository; ~1-2 minutes on an H200
+(mostly Triton compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--tiny" in sys.argv:  # the kernels decide between compiler and interpreter when imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from thinktalk.kernels import quant_gemm as qg  # noqa: E402
+from thinktalk.kernels import quant_gemv as gv  # noqa: E402
+from thinktalk.kernels import quant_moe_gemv as mg  # noqa: E402
+from thinktalk.kernels.fused_moe import fused_moe  # noqa: E402
+from thinktalk.kernels.quant_format import quantize, resolve_format  # noqa: E402
+from thinktalk.kernels.quant_moe import QuantTensor, quant_fused_moe, quant_moe_reference  # noqa: E402
+from thinktalk.layers.moe import moe_reference  # noqa: E402
+
+DENSE = [  # (name, N, K)
+    ("qkv_fused", 4096 + 512 + 512, 2048),
+    ("q_proj", 4096, 2048),
+    ("k_proj", 512, 2048),  # v_proj has the same shape
+    ("o_proj", 2048, 4096),
+    ("lm_head", 151936, 2048),
+]
+EXPERTS, HIDDEN, INTER, TOP_K = 128, 2048, 768, 8
+LAYERS = 48
+METHODS = ("int4", "int8", "fp8")
+DEVICE = "cuda"
+TINY_DENSE = [("qkv_fused", 96 + 16 + 16, 64), ("q_proj", 96, 64), ("k_proj", 16, 64), ("o_proj", 64, 96),
+              ("lm_head", 200, 64)]
+
+
+def use_tiny_shapes() -> None:
+    """--tiny: small shapes on the CPU (Triton interpreter), timing one eager call: checks that
+    the script runs end to end, nothing about speed."""
+    global DENSE, EXPERTS, HIDDEN, INTER, TOP_K, DEVICE
+    DENSE, EXPERTS, HIDDEN, INTER, TOP_K, DEVICE = TINY_DENSE, 8, 64, 32, 2, "cpu"
+
+
+def fmt_of(method: str, k: int):
+    return resolve_format(method, k, None if method == "fp8" else 128, True)
+
+
+def time_graph(fn, calls: int, replays: int = 10) -> float:
+    """µs per call of fn(i) for i in range(calls), captured once as a CUDA graph and replayed."""
+    if DEVICE == "cpu":  # --tiny
+        start = time.perf_counter()
+        fn(0)
+        return (time.perf_counter() - start) * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(calls, 3)):  # compile and warm up outside the capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / (replays * calls) * 1e3
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    """Copies of a weight so that cycling over them misses L2 (total >= 4x L2); a graph makes at
+    least this many calls, one per copy."""
+    return min(512, max(1, -(-4 * l2 // max(1, nbytes))))
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-12)).item()
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def dense_cases(name: str, n: int, k: int, rows: int, l2: int, calls: int, gen) -> list[dict]:
+    out = []
+    w = torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16) * k**-0.5
+    x = torch.randn(rows, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    io = nbytes(x) + rows * n * 2
+
+    def record(method, kernel, fn, weight_bytes, err, cfg=None):
+        us = time_graph(fn, max(calls, copies_for(weight_bytes, l2)))
+        row = {"case": name, "kind": "dense", "N": n, "K": k, "rows": rows, "method": method, "kernel": kernel,
+               "us": round(us, 2), "gb_s": round((weight_bytes + io) / us / 1e3, 1), "rel_err": err}
+        if cfg:
+            row["config"] = cfg
+        print(json.dumps(row), flush=True)
+        out.append(row)
+
+    ws = [w] + [w.clone() for _ in range(copies_for(nbytes(w), l2) - 1)]
+    record("bf16", "cublas", lambda i: F.linear(x, ws[i % len(ws)]), nbytes(w), 0.0)
+    del ws
+    for method in METHODS:
+        fmt = fmt_of(method, k)
+        q, s, z = quantize(w, fmt, scale_dtype=torch.bfloat16)
+        wb = nbytes(q, s, z)
+        copies = [(q, s, z)] + [(q.clone(), s.clone(), None if z is None else z.clone())
+                                for _ in range(copies_for(wb, l2) - 1)]
+        exact = qg.quant_matmul_reference(x.float(), q, s, z, fmt)
+        cfg = gv.gemv_config(rows, n, k, fmt)
+        err = rel_err(gv.quant_gemv(x, q, s, z, fmt), exact)
+        record(method, "gemv", lambda i: gv.quant_gemv(x, *copies[i % len(copies)], fmt), wb, err, cfg)
+        if method == "int4" or (method == "int8" and name == "lm_head"):  # the tile GEMM decode used before
+            err = rel_err(qg.quant_matmul(x, q, s, z, fmt), exact)
+            record(method, "tile_gemm (before)", lambda i: qg.quant_matmul(x, *copies[i % len(copies)], fmt), wb, err)
+        if method == "fp8" and qg.fp8_w8a8_supported(x.device):  # the W8A8 decode used before
+            err = rel_err(qg.w8a8_fp8_matmul(x, q, s, None, fmt), exact)
+            record(method, "w8a8_scaled_mm (before)",
+                   lambda i: qg.w8a8_fp8_matmul(x, copies[i % len(copies)][0], copies[i % len(copies)][1], None, fmt),
+                   wb, err)
+        del copies, q, s, z
+    del w
+    torch.cuda.empty_cache()
+    return out
+
+
+def moe_cases(tokens: int, calls: int, gen) -> list[dict]:
+    out = []
+    gu = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) * HIDDEN**-0.5
+    dn = torch.randn(EXPERTS, HIDDEN, INTER, device=DEVICE, generator=gen, dtype=torch.bfloat16) * INTER**-0.5
+    x = torch.randn(tokens, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    # a fresh routing for every call of the graph: the experts it reads are not left in L2
+    routes = []
+    for _ in range(calls):
+        ids = torch.stack([torch.randperm(EXPERTS, device=DEVICE, generator=gen)[:TOP_K] for _ in range(tokens)])
+        wts = torch.softmax(torch.randn(tokens, TOP_K, device=DEVICE, generator=gen), -1).to(torch.bfloat16)
+        routes.append((wts, ids))
+    pairs = tokens * TOP_K
+
+    def record(method, kernel, fn, expert_bytes, err, cfg=None):
+        us = time_graph(fn, calls)
+        read = pairs * expert_bytes + nbytes(x) * 2
+        row = {"case": "moe", "kind": "moe", "experts": EXPERTS, "hidden": HIDDEN, "inter": INTER, "top_k": TOP_K,
+               "rows": tokens, "method": method, "kernel": kernel, "us": round(us, 2),
+               "gb_s": round(read / us / 1e3, 1), "rel_err": err}
+        if cfg:
+            row["config"] = cfg
+        print(json.dumps(row), flush=True)
+        out.append(row)
+
+    wts0, ids0 = routes[0]
+    exact_bf16 = moe_reference(x.float(), gu.float(), dn.float(), wts0.float(), ids0)
+    err = rel_err(fused_moe(x, gu, dn, wts0, ids0), exact_bf16)
+    del exact_bf16
+    record("bf16", "fused_moe", lambda i: fused_moe(x, gu, dn, *routes[i]), nbytes(gu[0], dn[0]), err)
+    for method in METHODS:
+        f1, f2 = fmt_of(method, HIDDEN), fmt_of(method, INTER)
+        a = QuantTensor(*quantize(gu, f1, scale_dtype=torch.bfloat16), f1, HIDDEN)
+        b = QuantTensor(*quantize(dn, f2, scale_dtype=torch.bfloat16), f2, INTER)
+        per_expert = sum(nbytes(t.qweight[0], t.scale[0], None if t.zero is None else t.zero[0]) for t in (a, b))
+        exact = quant_moe_reference(x.float(), a, b, wts0.float(), ids0)
+        cfg = mg.moe_gemv_config(tokens, TOP_K, HIDDEN, INTER, method)
+        err = rel_err(mg.quant_moe_gemv(x, a, b, wts0, ids0), exact)
+        record(method, "gemv_moe", lambda i: mg.quant_moe_gemv(x, a, b, *routes[i]), per_expert, err, cfg)
+        if method == "int4":  # the tile fused MoE decode used before
+            err = rel_err(quant_fused_moe(x, a, b, wts0, ids0), exact)
+            record(method, "tile_fused_moe (before)", lambda i: quant_fused_moe(x, a, b, *routes[i]), per_expert, err)
+        del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
+def sweep(l2: int, calls: int, gen) -> list[dict]:
+    """int4 GEMV tiles at one decode row: o_proj, q_proj, k_proj and the MoE kernels."""
+    rows = []
+    for name, n, k in [c for c in DENSE if c[0] in ("q_proj", "k_proj", "o_proj")]:
+        fmt = fmt_of("int4", k)
+        w = torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16) * k**-0.5
+        x = torch.randn(1, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+        q, s, z = quantize(w, fmt, scale_dtype=torch.bfloat16)
+        copies = [(q, s, z)] + [(q.clone(), s.clone(), None) for _ in range(copies_for(nbytes(q, s), l2) - 1)]
+        exact = qg.quant_matmul_reference(x.float(), q, s, z, fmt)
+        def run(cfg):
+            try:
+                err = rel_err(gv.quant_gemv(x, q, s, z, fmt, config=cfg), exact)
+                us = time_graph(lambda i: gv.quant_gemv(x, *copies[i % len(copies)], fmt, config=cfg),
+                                max(calls, len(copies)))
+            except Exception as exc:  # a tile the compiler rejects
+                rows.append({"case": name, "config": cfg, "error": str(exc)[:160]})
+                return 1e9
+            rows.append({"case": name, "config": cfg, "us": round(us, 2), "gb_s": round(nbytes(q, s) / us / 1e3, 1),
+                         "rel_err": err})
+            return us
+
+        # tiles at 3 stages, then the pipeline depth of the best tile
+        tried = []
+        for bn, warps, split in itertools.product((2, 4, 8, 16), (1, 2, 4), (1, 2)):
+            if split > 1 and -(-n // bn) >= 4 * 132:
+                continue
+            cfg = dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=split, num_warps=warps, num_stages=3)
+            tried.append((run(cfg), cfg))
+        best_cfg = min(tried, key=lambda r: r[0])[1]
+        for stages in (2, 4, 6):
+            run(dict(best_cfg, num_stages=stages))
+        best = sorted((r for r in rows if r.get("case") == name and "us" in r), key=lambda r: r["us"])[:3]
+        print(json.dumps({"sweep": name, "default": gv.gemv_config(1, n, k, fmt), "best": best}), flush=True)
+        del copies, q, s, z, w
+    gu = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) * HIDDEN**-0.5
+    dn = torch.randn(EXPERTS, HIDDEN, INTER, device=DEVICE, generator=gen, dtype=torch.bfloat16) * INTER**-0.5
+    f1, f2 = fmt_of("int4", HIDDEN), fmt_of("int4", INTER)
+    a = QuantTensor(*quantize(gu, f1, scale_dtype=torch.bfloat16), f1, HIDDEN)
+    b = QuantTensor(*quantize(dn, f2, scale_dtype=torch.bfloat16), f2, INTER)
+    del gu, dn
+    x = torch.randn(1, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    routes = [(torch.softmax(torch.randn(1, TOP_K, device=DEVICE, generator=gen), -1).to(torch.bfloat16),
+               torch.randperm(EXPERTS, device=DEVICE, generator=gen)[:TOP_K][None]) for _ in range(calls)]
+    exact = quant_moe_reference(x.float(), a, b, *routes[0])
+    base = mg.moe_gemv_config(1, TOP_K, HIDDEN, INTER, "int4")
+
+    def run(cfg):
+        try:
+            err = rel_err(mg.quant_moe_gemv(x, a, b, *routes[0], config=cfg), exact)
+            us = time_graph(lambda i: mg.quant_moe_gemv(x, a, b, *routes[i], config=cfg), calls)
+        except Exception as exc:  # a tile the compiler rejects
+            rows.append({"case": "moe", "config": cfg, "error": str(exc)[:160]})
+            return 1e9
+        rows.append({"case": "moe", "config": cfg, "us": round(us, 2), "rel_err": err})
+        return us
+
+    # gate_up tiles (down at its default), down tiles (gate_up at its best), then pipeline depth
+    tried = []
+    for bn, w in itertools.product((4, 8, 16), (1, 2, 4)):
+        cfg = dict(base, BLOCK_N_GU=bn, num_warps_gu=w)
+        tried.append((run(cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    tried = [(min(t[0] for t in tried), best_cfg)]
+    for bn, w in itertools.product((2, 4, 8, 16), (1, 2, 4)):
+        cfg = dict(best_cfg, BLOCK_N_D=bn, num_warps_d=w)
+        tried.append((run(cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    for stages in (2, 4, 6):
+        run(dict(best_cfg, num_stages=stages))
+    best = sorted((r for r in rows if r.get("case") == "moe" and "us" in r), key=lambda r: r["us"])[:3]
+    print(json.dumps({"sweep": "moe", "default": base, "best": best}), flush=True)
+    return rows
+
+
+def summary(cases: list[dict]) -> dict:
+    """Matmul time of one thinker decode token (M = 1) per method, from the cases: 48 layers of
+    qkv (one GEMM / GEMV: the engine's fuse_qkv stacks float and quantized projections alike), o
+    and MoE, plus the lm_head, which is int8 in every quantized variant (the quantization
+    policy's heads group). "(before)": the tile kernels this change replaces at decode, with
+    q / k / v as three GEMMs (quantized projections were not stacked then)."""
+    t = {(c["case"], c["method"], c["kernel"]): c["us"] for c in cases if c["rows"] == 1}
+    out = {}
+    for method, dense_k, moe_k in (("bf16", "cublas", "fused_moe"), ("int4", "gemv", "gemv_moe"),
+                                   ("int8", "gemv", "gemv_moe"), ("fp8", "gemv", "gemv_moe"),
+                                   ("int4 (before)", "tile_gemm (before)", "tile_fused_moe (before)")):
+        m = method.split()[0]
+        try:
+            if "before" in method:
+                qkv = t[("q_proj", m, dense_k)] + 2 * t[("k_proj", m, dense_k)]
+                head = t[("lm_head", "int8", "tile_gemm (before)")]
+            else:
+                qkv = t[("qkv_fused", m, dense_k)]
+                head = t[("lm_head", "bf16", "cublas")] if m == "bf16" else t[("lm_head", "int8", "gemv")]
+            layer = qkv + t[("o_proj", m, dense_k)] + t[("moe", m, moe_k)]
+        except KeyError:
+            continue
+        out[method] = {"layer_us": round(layer, 1), "lm_head_us": round(head, 1),
+                       "token_ms": round((LAYERS * layer + head) / 1e3, 3),
+                       "tok_s_if_only_matmuls": round(1e6 / (LAYERS * layer + head), 1)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", type=int, nargs="*", default=[1], help="decode rows (tokens) per call, each <= 8")
+    ap.add_argument("--calls", type=int, default=24, help="calls per captured graph")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the int4 GEMV tiles (a few more minutes)")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run: small shapes, Triton interpreter")
+    args = ap.parse_args()
+    if args.tiny:
+        use_tiny_shapes()
+        device_name, sms, l2 = "cpu (dry run)", 0, 64 * 2**10
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --tiny for a CPU dry run)")
+    else:
+        props = torch.cuda.get_device_properties(0)
+        device_name, sms, l2 = torch.cuda.get_device_name(), props.multi_processor_count, props.L2_cache_size
+    t0 = time.time()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    cases = []
+    with torch.inference_mode():
+        for rows in args.rows:
+            for name, n, k in DENSE:
+                cases += dense_cases(name, n, k, rows, l2, args.calls, gen)
+            cases += moe_cases(rows, args.calls, gen)
+        sweep_rows = sweep(l2, args.calls, gen) if args.sweep else None
+    result = {
+        "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "device": device_name,
+        "sms": sms,
+        "l2_bytes": l2,
+        "versions": {"torch": torch.__version__, "triton": gv.triton.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
+        "notes": [
+            "us per call from CUDA-graph replays; weights cycled over copies exceeding 4x L2, "
+            "a new MoE routing per call",
+            "int4 / int8: group 128 symmetric; fp8: per-channel e4m3; GEMV defaults from quant_gemv.gemv_config / "
+            "quant_moe_gemv.moe_gemv_config",
+            "gb_s: bytes one call must read (packed weight + scales (+ zeros) + x; MoE: the 8 pairs' experts) / time",
+            "summary: matmul kernels only (no attention, norms, router, sampling) of one decode token",
+        ],
+        "cases": cases,
+        "summary": summary(cases),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if sweep_rows is not None:
+        result["sweep"] = sweep_rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {args.out} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
