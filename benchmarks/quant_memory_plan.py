@@ -9,8 +9,8 @@ Three kinds of bytes, each computed, none guessed:
               (weights/quant.py; the same code path that loads a checkpoint), parameters + buffers
   held        what the pipeline allocates and keeps while serving, from the sizes that decide it:
               the thinker's paged KV pool as bench_quant sizes it for the exchange (its prompt is
-              tokenized here by the real processor), the talker's KV slots (SlotTalker.kv_bytes,
-              one slot with max_num_seqs 1), the CUDA-graph static buffers and outputs, and an
+              tokenized here by the real processor), the talker's paged KV pool (as
+              speech_graphs.plan_talker_blocks sizes it for one speaking request), the CUDA-graph static buffers and outputs, and an
               allowance for cuBLAS workspaces (32 MiB per stream on Hopper; a stream per graph capture)
   transient   the largest working set of one step, measured on the CPU with a dispatch mode that
               counts the bytes of every live tensor created inside (LiveBytes below) on full-size
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import audio_clip, kv_blocks, spoken_question  # noqa: E402
 from thinktalk.config import ASSETS, reference_config  # noqa: E402
 from thinktalk.kv_cache import bytes_per_block  # noqa: E402
-from thinktalk.speech_graphs import SlotTalker  # noqa: E402
+from thinktalk.speech_graphs import plan_talker_blocks, talker_block_bytes, talker_kv_bytes  # noqa: E402
 from thinktalk.weights.quant import QuantConfig, QuantLoadHook, weight_bytes  # noqa: E402
 
 GIB = 2**30
@@ -181,7 +181,9 @@ def held_bytes(cfg, prompt_len: int, answer_tokens: int, streams_captured: int) 
               + 8 * MIB)  # static buffers, predictor static KV, sampling state: well under this
     return {
         "thinker_kv_pool": (blocks + 1) * per_block,  # + the scratch block of the graphed decode
-        "talker_kv_slot": SlotTalker.kv_bytes(cfg.talker_config, 1, 2048, torch.bfloat16),
+        # the talker's paged pool as a single-user server sizes it (speech_graphs.plan_talker_blocks)
+        "talker_kv_pool": talker_kv_bytes(cfg.talker_config, plan_talker_blocks(cfg.talker_config, torch.bfloat16, max_active=1),
+                                          16, torch.bfloat16),
         "graphs_and_buffers": graphs,
         "blas_workspaces": streams_captured * WORKSPACE_PER_STREAM,
     }
@@ -229,7 +231,8 @@ def main():
     # calibration: the previous setup, as measured on the H200 (quant_h200_contiguous_kv.json, int4)
     old = {
         "weights (int4, decoders only)": out["weights_gib"]["int4-decoders"]["total"] * GIB,
-        "talker KV: 64 slots x 2048": SlotTalker.kv_bytes(cfg.talker_config, 64, 2048, torch.bfloat16),
+        # the slot backend of then: 64 slots of 2,048 tokens, the bytes of 64 x 2048 / 16 blocks
+        "talker KV: 64 slots x 2048": talker_block_bytes(cfg.talker_config, 16, torch.bfloat16) * (64 * 2048 // 16),
         "reference logits kept by the old benchmark (512 x vocab fp32)": 512 * cfg.thinker_config.text_config.vocab_size * 4,
         "cuBLAS workspaces (default + 2 captures x 4 variants in one process)": 9 * WORKSPACE_PER_STREAM,
     }
