@@ -5,7 +5,8 @@ tens of µs each): on an H100 it took 48 ms of wall time for 20 ms of GPU work; 
 pieces it takes 22 ms (benchmarks/results/profile_decode_h100.txt, thinker_h100.json). A whole
 prefill cannot be one graph, because attention depends on how the step's tokens split into
 sequences and what each has cached. But everything else in a decoder layer treats tokens
-independently: norms, projections, rotary, the MoE. So a step runs as L + 1 graph "pieces" with attention between them, eagerly:
+independently: norms, projections, rotary, the MoE. So a step runs as L + 1 graph "pieces" with
+attention between them, eagerly:
 
     piece 0        rotary table, layer 0 input norm, q/k/v              (graph)
     attention 0    the paged backend's `attend` on the real rows          (eager)
