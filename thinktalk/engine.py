@@ -16,6 +16,11 @@ rows of the tokens a step computes, and, for a prefix reused from the cache, tok
 the rows the paged pool kept for it (`_restore_hidden`, kv_cache.py). A multimodal prompt computed
 after a cached prefix (or in chunks) runs the audio and vision encoders only over the media items
 that the computed part holds (`_embed_prompt_rest`).
+
+How a step runs on the GPU: a decode-only batch replays a CUDA graph of its padded batch size
+(decode_graphs.py); any other step of up to `max_prefill_graph_tokens` tokens replays the
+per-token halves of every layer as graph pieces with attention eager between them
+(prefill_graphs.py); steps with vision deepstack features or more tokens run eagerly.
 """
 
 from __future__ import annotations
