@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decode_graphs import DecodeGraphs
-from .prefill_graphs import PrefillGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
@@ -39,9 +38,10 @@ from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
 from .layers.mlp import GatedMLP, fuse_gate_up
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
+from .multimodal.items import item_of_token, items_from, select_items
+from .prefill_graphs import PrefillGraphs
 from .request import Request, Status
 from .sampler import sample_batch, top_logprobs
-from .multimodal.items import item_of_token, items_from, select_items
 from .scheduler import Batch, Scheduler, captured_tokens, token_slice
 
 log = logging.getLogger(__name__)
