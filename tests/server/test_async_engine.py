@@ -23,11 +23,13 @@ class Out:
 class FakeEngine:
     """Each step gives every running request one token; a request finishes after `n` tokens."""
 
-    def __init__(self, fail_at_step: int | None = None):
+    def __init__(self, fail_when_running: int | None = None):
         self.running: list[Request] = []
         self.waiting: list[Request] = []
         self.steps = 0
-        self.fail_at_step = fail_at_step
+        # raise in the first step with this many requests running (a step count would race with
+        # the test adding them: on a busy machine the thread could die before the last is added)
+        self.fail_when_running = fail_when_running
         self.aborted: list[str] = []
 
     def add_request(self, req):
@@ -47,7 +49,7 @@ class FakeEngine:
 
     def step(self):
         self.steps += 1
-        if self.fail_at_step is not None and self.steps >= self.fail_at_step:
+        if self.fail_when_running is not None and len(self.running) >= self.fail_when_running:
             raise RuntimeError("boom")
         outs = []
         for r in list(self.running):
@@ -194,9 +196,10 @@ def test_engine_death_reaches_every_stream_and_is_reported():
     fatal = []
 
     async def main():
-        eng = AsyncEngine(FakeEngine(fail_at_step=3), on_fatal=fatal.append)
+        eng = AsyncEngine(FakeEngine(fail_when_running=3), on_fatal=fatal.append)
         eng.start(asyncio.get_running_loop())
-        streams = [eng.add(request(f"f{i}", 100)) for i in range(3)]
+        # answers long enough that none ends before all three run and the engine dies
+        streams = [eng.add(request(f"f{i}", 10**9)) for i in range(3)]
         for s in streams:
             with pytest.raises(EngineDead):
                 async for _ in s:
