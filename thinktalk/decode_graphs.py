@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
+def warm_and_capture(body, pool=None, device=None, warmups: int = 2):
+    """Run `body` a few times on a side stream (compiling Triton kernels, picking cuBLAS
+    algorithms), then capture it into a CUDA graph (in memory pool `pool`); (graph, its outputs)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = body()
+    return graph, out
+
+
 def buckets_up_to(max_batch: int) -> list[int]:
     return [b for b in BUCKETS if b < max_batch] + [max_batch]
 
@@ -66,39 +81,123 @@ class StaticDecodeAttention:
                                    scale, num_splits=self.num_splits)
 
 
-class DecodeGraphs:
-    def __init__(self, thinker, pool, max_batch: int, max_model_len: int, capture_layers: tuple[int, ...] = ()):
-        self.thinker, self.pool = thinker, pool
-        self.device = pool.k[0].device
-        self.use_graphs = self.device.type == "cuda"
+class PagedDecodeBuffers:
+    """What a paged decode step reads from static buffers, shared by the thinker's `DecodeGraphs`
+    and the talker's `speech_graphs.TalkerDecodeSteps` (they differ in their inputs and outputs):
+
+        positions [3, B]   slot_mapping [B]   block_tables [B, W]   context_lens [B]
+
+    staged on the host (pinned on CUDA, so the uploads are asynchronous), with the rows past a
+    batch made padding on the scratch block, the paged-attention split count fixed per bucket,
+    and `_replay` running a bucket's graph (captured on first use) or its forward eagerly.
+    A subclass stages its own inputs and defines `_forward(bucket)` (a tuple of outputs) and
+    `_capture(bucket)` (storing `(graph, *outputs)` in `self.graphs`)."""
+
+    def __init__(self, pool, max_batch: int, width: int, max_context: int):
+        """width: the block-table entries one sequence may use; max_context: the longest context
+        (what fixes each bucket's split count)."""
+        self.pool = pool
+        self.device = dev = pool.k[0].device
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
-        self.capture_layers = capture_layers
-        bs = pool.block_size
-        width = -(-max_model_len // bs)
-        dev = self.device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        bs, scratch = pool.block_size, pool.scratch_block
         # float: a video's rope_delta can be fractional (the rotary table takes floats anyway)
         self.positions = torch.zeros(3, max_batch, dtype=torch.float32, device=dev)
-        self.slot_mapping = torch.full((max_batch,), pool.scratch_block * bs, dtype=torch.long, device=dev)
-        self.block_tables = torch.full((max_batch, width), pool.scratch_block, dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.full((max_batch,), scratch * bs, dtype=torch.long, device=dev)
+        self.block_tables = torch.full((max_batch, width), scratch, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
-        # host staging (pinned on CUDA so the copies are asynchronous)
-        pin = self.use_graphs
-        self._rows = torch.zeros(3, max_batch, dtype=torch.long, pin_memory=pin)  # ids, slot, context len
+        pin = dev.type == "cuda"
+        self._rows = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pin)  # slot, context len
         self._pos = torch.zeros(3, max_batch, dtype=torch.float32, pin_memory=pin)
         self._tables = torch.zeros(max_batch, width, dtype=torch.int32, pin_memory=pin)
         self._rows_np, self._pos_np, self._tables_np = self._rows.numpy(), self._pos.numpy(), self._tables.numpy()
-        # which request's block table each staging row holds, and how many entries of it: a
-        # request keeps its row from step to step, so only its newest entries are written
-        kv_heads = pool.k[0].shape[2]
-        self.num_splits = {
-            b: (pa._num_splits(b, kv_heads, max_model_len, 64, dev) if self.use_graphs else None) for b in self.buckets
-        }
+        # which sequence's block table each staging row holds, and how many entries of it: a
+        # sequence keeps its row from step to step, so only its newest entries are written
         self._row_owner: list[tuple[object, int]] = [(None, 0)] * max_batch
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict]] = {}
+        kv_heads = pool.k[0].shape[2]
+        fixed = dev.type == "cuda" and pa.available(dev)  # the grid is part of the graph
+        self.num_splits = {b: (pa._num_splits(b, kv_heads, max_context, 64, dev) if fixed else None) for b in self.buckets}
+        self.graphs: dict[int, tuple] = {}
         self.mempool = None
         self.steps = 0  # decode steps run through the static buffers (graphed or not)
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def _stage_rows(self, seqs, starts, positions, bucket: int) -> None:
+        """Stage and upload one decode token per sequence (`SeqBlocks`; the token at index start,
+        position column `positions[:, i]`); rows past them become padding."""
+        n = len(seqs)
+        bs = self.pool.block_size
+        rows, tables = self._rows_np, self._tables_np
+        self._pos_np[:, :n] = positions
+        width = 1
+        for i, (seq, start) in enumerate(zip(seqs, starts)):
+            table = seq.block_table
+            used = start // bs + 1
+            owner, written = self._row_owner[i]
+            if owner is not seq or written > used:
+                written = 0
+            tables[i, written:used] = table[written:used]
+            self._row_owner[i] = (seq, used)
+            rows[0, i] = table[start // bs] * bs + start % bs
+            rows[1, i] = start + 1
+            width = max(width, used)
+        self._stage_padding(n, bucket)
+        self._upload(bucket, width)
+
+    def _stage_padding(self, first: int, bucket: int) -> None:
+        """Staging rows first..bucket-1 become padding: position 0, writing and reading the
+        scratch block."""
+        scratch, bs = self.pool.scratch_block, self.pool.block_size
+        self._pos_np[:, first:bucket] = 0
+        self._rows_np[0, first:bucket] = scratch * bs
+        self._rows_np[1, first:bucket] = 1
+        self._tables_np[first:bucket, 0] = scratch
+        for i in range(first, bucket):
+            self._row_owner[i] = (None, 0)
+
+    def _upload(self, bucket: int, width: int) -> None:
+        """Copy the staging rows of the bucket (block tables up to `width` entries) to the device."""
+        nb = self.device.type == "cuda"
+        self.positions[:, :bucket].copy_(self._pos[:, :bucket], non_blocking=nb)
+        self.slot_mapping[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
+        self.context_lens[:bucket].copy_(self._rows[1, :bucket], non_blocking=nb)
+        self.block_tables[:bucket, :width].copy_(self._tables[:bucket, :width], non_blocking=nb)
+
+    def _attention(self, bucket: int) -> StaticDecodeAttention:
+        return StaticDecodeAttention(self.pool, self.slot_mapping[:bucket], self.block_tables[:bucket],
+                                     self.context_lens[:bucket], self.num_splits[bucket])
+
+    def _replay(self, bucket: int) -> tuple:
+        """The bucket's outputs for what is staged: its graph replayed (captured first if needed)
+        or, without graphs, its forward run eagerly."""
+        self.steps += 1
+        if self.use_graphs and bucket not in self.graphs:
+            self._capture(bucket)
+        if bucket in self.graphs:
+            graph, *outputs = self.graphs[bucket]
+            graph.replay()
+            return tuple(outputs)
+        return self._forward(bucket)
+
+    def _capture_padded(self, bucket: int) -> None:
+        """Capture a bucket at start-up: every row is padding, so the warm-up and capture runs
+        write and read the scratch block only."""
+        self._stage_padding(0, bucket)
+        self._upload(bucket, 1)
+        self._capture(bucket)
+
+
+class DecodeGraphs(PagedDecodeBuffers):
+    def __init__(self, thinker, pool, max_batch: int, max_model_len: int, capture_layers: tuple[int, ...] = ()):
+        super().__init__(pool, max_batch, -(-max_model_len // pool.block_size), max_model_len)
+        self.thinker = thinker
+        self.use_graphs = self.device.type == "cuda"
+        self.capture_layers = capture_layers
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._ids = torch.zeros(max_batch, dtype=torch.long, pin_memory=self.use_graphs)
+        self._ids_np = self._ids.numpy()
 
     # -- the step ---------------------------------------------------------------------------------
     def supports(self, batch: Batch) -> bool:
@@ -107,64 +206,21 @@ class DecodeGraphs:
     def run(self, batch: Batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits [n, V] (float32) of a decode-only batch and the captured hidden states [n, H]."""
         n = len(batch.requests)
-        bucket = next(b for b in self.buckets if b >= n)
+        bucket = self.bucket(n)
         self._fill(batch, bucket)
-        self.steps += 1
-        if self.use_graphs and bucket not in self.graphs:
-            self._capture(bucket)
-        if bucket in self.graphs:
-            graph, logits, captured = self.graphs[bucket]
-            graph.replay()
-        else:
-            logits, captured = self._forward(bucket)
+        logits, captured = self._replay(bucket)
         return logits[:n], {layer: h[:n].clone() for layer, h in captured.items()}
 
     def _fill(self, batch: Batch, bucket: int) -> None:
-        """Write the batch into the static buffers; rows past the batch become padding."""
+        """Write the batch into the static buffers; rows past the batch become padding (token 0)."""
         n = len(batch.requests)
-        bs = self.pool.block_size
-        rows, pos, tables = self._rows_np, self._pos_np, self._tables_np
-        rows[0, :n] = batch.input_ids.numpy()
-        pos[:, :n] = batch.positions.numpy()
-        width = 1
-        for i, (req, start) in enumerate(zip(batch.requests, batch.starts)):
-            table = req.kv.block_table
-            used = start // bs + 1
-            owner, written = self._row_owner[i]
-            if owner is not req.kv or written > used:
-                written = 0
-            tables[i, written:used] = table[written:used]
-            self._row_owner[i] = (req.kv, used)
-            rows[1, i] = table[start // bs] * bs + start % bs
-            rows[2, i] = start + 1
-            width = max(width, used)
-        self._stage_padding(n, bucket)
-        self._upload(bucket, width)
-
-    def _stage_padding(self, first: int, bucket: int) -> None:
-        """Staging rows first..bucket-1 become padding: token 0 at position 0, writing and reading
-        the scratch block."""
-        scratch, bs = self.pool.scratch_block, self.pool.block_size
-        self._rows_np[0, first:bucket] = 0
-        self._pos_np[:, first:bucket] = 0
-        self._rows_np[1, first:bucket] = scratch * bs
-        self._rows_np[2, first:bucket] = 1
-        self._tables_np[first:bucket, 0] = scratch
-        for i in range(first, bucket):
-            self._row_owner[i] = (None, 0)
-
-    def _upload(self, bucket: int, width: int) -> None:
-        """Copy the staging rows of the bucket (block tables up to `width` entries) to the device."""
-        nb = self.use_graphs
-        self.input_ids[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
-        self.positions[:, :bucket].copy_(self._pos[:, :bucket], non_blocking=nb)
-        self.slot_mapping[:bucket].copy_(self._rows[1, :bucket], non_blocking=nb)
-        self.context_lens[:bucket].copy_(self._rows[2, :bucket], non_blocking=nb)
-        self.block_tables[:bucket, :width].copy_(self._tables[:bucket, :width], non_blocking=nb)
+        self._ids_np[:n] = batch.input_ids.numpy()
+        self._ids_np[n:bucket] = 0
+        self.input_ids[:bucket].copy_(self._ids[:bucket], non_blocking=self.use_graphs)
+        self._stage_rows([r.kv for r in batch.requests], batch.starts, batch.positions.numpy(), bucket)
 
     def _forward(self, bucket: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        kv = StaticDecodeAttention(self.pool, self.slot_mapping[:bucket], self.block_tables[:bucket],
-                                   self.context_lens[:bucket], self.num_splits[bucket])
+        kv = self._attention(bucket)
         embeds = self.thinker.embed(self.input_ids[:bucket])[0]
         hidden, captured = self.thinker(embeds, self.positions[:, :bucket], kv, None, self.capture_layers)
         if self.pool.hidden is not None:  # the talker's layer, kept for prefix reuse (kv_cache.py)
@@ -177,26 +233,16 @@ class DecodeGraphs:
         if not self.use_graphs:
             return
         for bucket in sorted(self.buckets, reverse=True):
-            self._stage_padding(0, bucket)  # every row writes and reads the scratch block only
-            self._upload(bucket, 1)
-            self._capture(bucket)
+            self._capture_padded(bucket)
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
         # The buffers hold the current batch (or padding); warm-up and capture only write to the
         # slots they name, which are the very slots the replay writes next anyway.
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile Triton kernels, pick cuBLAS algorithms
-                    self._forward(bucket)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self.mempool is None:
                 self.mempool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool):
-                logits, captured = self._forward(bucket)
+            graph, (logits, captured) = warm_and_capture(lambda: self._forward(bucket), self.mempool, self.device)
             self.graphs[bucket] = (graph, logits, captured)
         except Exception as exc:  # a kernel that syncs with the host cannot be captured
             log.warning("decode CUDA graph for batch %d not captured (%s); running it eagerly", bucket, exc)

@@ -36,7 +36,7 @@ import logging
 import torch
 
 from .block_manager import SeqBlocks
-from .decode_graphs import StaticDecodeAttention, buckets_up_to
+from .decode_graphs import PagedDecodeBuffers, warm_and_capture
 from .kernels import paged_attention as pa
 from .kv_cache import PagedAttention, PagedPool, bytes_per_block
 from .scheduler import Batch
@@ -62,20 +62,6 @@ def _head_dim(cfg) -> int:
 def bucket_for(n: int, buckets=BUCKETS) -> int | None:
     i = bisect.bisect_left(buckets, n)
     return buckets[i] if i < len(buckets) else None
-
-
-def _warm_and_capture(body, warmups: int = 2, pool=None):
-    """Run `body` a few times on a side stream, then capture it; returns (graph, outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmups):
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = body()
-    return graph, out
 
 
 # -- sizing -------------------------------------------------------------------------------------
@@ -109,12 +95,13 @@ def plan_talker_blocks(talker_cfg, dtype: torch.dtype, *, block_size: int = DEFA
 
 
 # -- the talker's decode step through static buffers ----------------------------------------------
-class TalkerDecodeSteps:
+class TalkerDecodeSteps(PagedDecodeBuffers):
     """One decode token per speaking request through persistent buffers, a CUDA graph per bucket.
 
-    The talker's counterpart of decode_graphs.DecodeGraphs: the inputs are embeddings (the last
-    frame's summed codec embedding + trailing text), not token ids, and the outputs are the final
-    hidden states (the code predictor reads them) and the first-codebook logits.
+    The talker's counterpart of decode_graphs.DecodeGraphs (the paged buffers, padding and
+    replay are theirs, `PagedDecodeBuffers`): the inputs are embeddings (the last frame's summed
+    codec embedding + trailing text), not token ids, and the outputs are the final hidden states
+    (the code predictor reads them) and the first-codebook logits.
 
         embeds [B, H]   positions [3, B]   slot_mapping [B]   block_tables [B, W]   context_lens [B]
 
@@ -122,98 +109,25 @@ class TalkerDecodeSteps:
     """
 
     def __init__(self, talker, pool: PagedPool, max_batch: int, width: int, use_graphs: bool):
-        self.talker, self.pool = talker, pool
-        self.device = pool.k[0].device
+        super().__init__(pool, max_batch, width, width * pool.block_size)
+        self.talker = talker
         self.use_graphs = use_graphs
-        self.buckets = buckets_up_to(max_batch)
-        self.max_batch = max_batch
-        bs, scratch = pool.block_size, pool.scratch_block
-        dev = self.device
         hidden = talker.cfg.text_config.hidden_size
-        self.embeds = torch.zeros(max_batch, hidden, dtype=pool.k[0].dtype, device=dev)
-        self.positions = torch.zeros(3, max_batch, dtype=torch.float32, device=dev)
-        self.slot_mapping = torch.full((max_batch,), scratch * bs, dtype=torch.long, device=dev)
-        self.block_tables = torch.full((max_batch, width), scratch, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
-        # host staging (pinned on CUDA so the copies are asynchronous)
-        pin = dev.type == "cuda"
-        self._rows = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=pin)  # slot, context len
-        self._pos = torch.zeros(3, max_batch, dtype=torch.float32, pin_memory=pin)
-        self._tables = torch.zeros(max_batch, width, dtype=torch.int32, pin_memory=pin)
-        self._rows_np, self._pos_np, self._tables_np = self._rows.numpy(), self._pos.numpy(), self._tables.numpy()
-        # which sequence's block table each staging row holds and how many entries of it: a request
-        # usually keeps its row from step to step, so only its newest entries are written
-        self._row_owner: list[tuple[object, int]] = [(None, 0)] * max_batch
-        kv_heads = pool.k[0].shape[2]
-        # the split count of each bucket's paged-attention grid (fixed: it is part of the graph)
-        fixed = dev.type == "cuda" and pa.available(dev)
-        self.num_splits = {b: (pa._num_splits(b, kv_heads, width * bs, 64, dev) if fixed else None) for b in self.buckets}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.mempool = None
-        self.steps = 0  # decode steps run through the buffers (graphed or not)
-
-    def bucket(self, rows: int) -> int | None:
-        return next((b for b in self.buckets if b >= rows), None)
+        # padding rows keep whatever embeddings the buffer holds: any finite row will do
+        self.embeds = torch.zeros(max_batch, hidden, dtype=pool.k[0].dtype, device=self.device)
 
     def run(self, seqs: list[SeqBlocks], embeds: torch.Tensor, positions: list[float]):
         """Hidden states [n, H] and logits [n, V] (float32) of one decode token per sequence; each
         sequence's blocks must already hold its new token (`num_computed` is where it goes)."""
         n = len(seqs)
         bucket = self.bucket(n)
-        self._fill(seqs, positions, bucket)
+        self._stage_rows(seqs, [seq.num_computed for seq in seqs], positions, bucket)
         self.embeds[:n].copy_(embeds.to(self.embeds.dtype))
-        self.steps += 1
-        if self.use_graphs and bucket not in self.graphs:
-            self._capture(bucket)
-        if bucket in self.graphs:
-            graph, hidden, logits = self.graphs[bucket]
-            graph.replay()
-        else:
-            hidden, logits = self._forward(bucket)
+        hidden, logits = self._replay(bucket)
         return hidden[:n], logits[:n]
 
-    def _fill(self, seqs: list[SeqBlocks], positions: list[float], bucket: int) -> None:
-        n = len(seqs)
-        bs = self.pool.block_size
-        rows, tables = self._rows_np, self._tables_np
-        self._pos_np[:, :n] = positions
-        width = 1
-        for i, seq in enumerate(seqs):
-            start, table = seq.num_computed, seq.block_table
-            used = start // bs + 1
-            owner, written = self._row_owner[i]
-            if owner is not seq or written > used:
-                written = 0
-            tables[i, written:used] = table[written:used]
-            self._row_owner[i] = (seq, used)
-            rows[0, i] = table[start // bs] * bs + start % bs
-            rows[1, i] = start + 1
-            width = max(width, used)
-        self._stage_padding(n, bucket)
-        self._upload(bucket, width)
-
-    def _stage_padding(self, first: int, bucket: int) -> None:
-        """Staging rows first..bucket-1 become padding: position 0, writing and reading the scratch
-        block (their embeddings are whatever the buffer holds: any finite row will do)."""
-        scratch, bs = self.pool.scratch_block, self.pool.block_size
-        self._pos_np[:, first:bucket] = 0
-        self._rows_np[0, first:bucket] = scratch * bs
-        self._rows_np[1, first:bucket] = 1
-        self._tables_np[first:bucket, 0] = scratch
-        for i in range(first, bucket):
-            self._row_owner[i] = (None, 0)
-
-    def _upload(self, bucket: int, width: int) -> None:
-        nb = self.device.type == "cuda"
-        self.positions[:, :bucket].copy_(self._pos[:, :bucket], non_blocking=nb)
-        self.slot_mapping[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
-        self.context_lens[:bucket].copy_(self._rows[1, :bucket], non_blocking=nb)
-        self.block_tables[:bucket, :width].copy_(self._tables[:bucket, :width], non_blocking=nb)
-
     def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = StaticDecodeAttention(self.pool, self.slot_mapping[:bucket], self.block_tables[:bucket],
-                                   self.context_lens[:bucket], self.num_splits[bucket])
-        hidden = self.talker(self.embeds[:bucket], self.positions[:, :bucket], kv)
+        hidden = self.talker(self.embeds[:bucket], self.positions[:, :bucket], self._attention(bucket))
         return hidden, self.talker.logits(hidden).float()
 
     # -- capture ----------------------------------------------------------------------------------
@@ -223,9 +137,7 @@ class TalkerDecodeSteps:
         bucket = self.bucket(rows)
         if not self.use_graphs or bucket is None or bucket in self.graphs:
             return
-        self._stage_padding(0, bucket)
-        self._upload(bucket, 1)
-        self._capture(bucket)
+        self._capture_padded(bucket)
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
@@ -234,7 +146,7 @@ class TalkerDecodeSteps:
         try:
             if self.mempool is None:
                 self.mempool = torch.cuda.graph_pool_handle()
-            graph, (hidden, logits) = _warm_and_capture(lambda: self._forward(bucket), pool=self.mempool)
+            graph, (hidden, logits) = warm_and_capture(lambda: self._forward(bucket), self.mempool, self.device)
             self.graphs[bucket] = (graph, hidden, logits)
         except Exception as exc:  # noqa: BLE001 - e.g. a talker MoE kernel that syncs: run eagerly
             log.warning("talker decode CUDA graph for batch %d not captured (%r); decoding eagerly", bucket, exc)
@@ -416,6 +328,6 @@ class GraphPredictor:
         def body():
             return self._frame(self.talker, entry["hidden"], entry["code"], pick, kv, positions)
 
-        entry["graph"], (entry["codes"], entry["summed"]) = _warm_and_capture(body)
+        entry["graph"], (entry["codes"], entry["summed"]) = warm_and_capture(body)
         self._graphs[(bucket, sampled)] = entry
         return entry
