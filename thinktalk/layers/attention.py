@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.rope import qk_norm_rope_reference
-from .quant_linear import QuantLinear, stack_quant_linears
+from .quant_linear import stack_linears
 from .norm import RMSNorm
 
 
@@ -88,28 +88,14 @@ def fuse_qkv(attn: Attention) -> bool:
     so the three projections are one GEMM. Plain bias-free Linears of one dtype, or QuantLinears
     of one format (`stack_quant_linears`: one quantized GEMV at decode instead of three launches).
     Returns whether it fused."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     if attn.qkv_weight is not None or attn.qkv_proj is not None:
         return True
-    if all(isinstance(p, QuantLinear) for p in projs):
-        stack = stack_quant_linears(projs)
-        if stack is None:
-            return False
+    stack = stack_linears((attn.q_proj, attn.k_proj, attn.v_proj))
+    if isinstance(stack, torch.Tensor):
+        attn.qkv_weight = stack
+    elif stack is not None:
         object.__setattr__(attn, "qkv_proj", stack)  # not a submodule: state dicts keep q/k/v_proj
-        return True
-    if any(type(p) is not nn.Linear or p.bias is not None for p in projs):
-        return False
-    if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1:
-        return False
-    with torch.no_grad():
-        stacked = torch.cat([p.weight for p in projs])
-        start = 0
-        for p in projs:
-            rows = p.weight.shape[0]
-            p.weight = nn.Parameter(stacked[start : start + rows], requires_grad=False)
-            start += rows
-    attn.qkv_weight = stacked
-    return True
+    return stack is not None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.activation import silu_mul_reference
-from .quant_linear import QuantLinear, stack_quant_linears
+from .quant_linear import stack_linears
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -42,23 +42,13 @@ def fuse_gate_up(mlp: GatedMLP) -> bool:
     extra memory), so the two projections are one GEMM. Only SiLU blocks of plain bias-free
     Linears of one dtype, or QuantLinears of one format (`stack_quant_linears`). Returns whether
     it fused."""
-    projs = (mlp.gate_proj, mlp.up_proj)
     if mlp.gate_up_weight is not None or mlp.gate_up_proj is not None:
         return True
-    if mlp.act is F.silu and all(isinstance(p, QuantLinear) for p in projs):
-        stack = stack_quant_linears(projs)
-        if stack is None:
-            return False
+    if mlp.act is not F.silu:
+        return False
+    stack = stack_linears((mlp.gate_proj, mlp.up_proj))
+    if isinstance(stack, torch.Tensor):
+        mlp.gate_up_weight = stack
+    elif stack is not None:
         object.__setattr__(mlp, "gate_up_proj", stack)  # not a submodule: state dicts keep the parts
-        return True
-    if mlp.act is not F.silu or any(type(p) is not nn.Linear or p.bias is not None for p in projs):
-        return False
-    if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1:
-        return False
-    with torch.no_grad():
-        stacked = torch.cat([p.weight for p in projs])
-        rows = mlp.gate_proj.weight.shape[0]
-        mlp.gate_proj.weight = nn.Parameter(stacked[:rows], requires_grad=False)
-        mlp.up_proj.weight = nn.Parameter(stacked[rows:], requires_grad=False)
-    mlp.gate_up_weight = stacked
-    return True
+    return stack is not None

@@ -225,6 +225,27 @@ def stack_quant_linears(linears) -> "QuantLinear | None":
     return stack
 
 
+@torch.no_grad()
+def stack_linears(linears) -> "torch.Tensor | QuantLinear | None":
+    """Several bias-free projections of the same input as one product, their outputs side by side
+    (`fuse_qkv`, `fuse_gate_up`): plain Linears of one dtype and device give their weights stacked
+    into one tensor, theirs becoming row views of it (no extra memory); QuantLinears give
+    `stack_quant_linears`' QuantLinear. None where they cannot be stacked."""
+    if all(isinstance(lin, QuantLinear) for lin in linears):
+        return stack_quant_linears(linears)
+    if any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
+        return None
+    if len({(lin.weight.dtype, lin.weight.device) for lin in linears}) != 1:
+        return None
+    stacked = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(stacked[start : start + rows], requires_grad=False)
+        start += rows
+    return stacked
+
+
 def dequantize_rows(w: "QuantWeight", ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` ([..] int) of a 2-D QuantWeight with one scale row per weight row, in its compute
     dtype: equal to w.dequantize()[ids] bit for bit, without dequantizing the table.
