@@ -50,15 +50,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, cos, sin, kv: AttentionBackend) -> torch.Tensor:
-        q, k, v, residual = self.pre_attention(x, None, cos, sin)
-        out, residual = self.post_attention(kv.attend(self.self_attn.layer, q, k, v, self.self_attn.scale), residual)
-        return residual + out
-
-    # The layer in two per-token halves around attention, on the residual stream: a layer's output
-    # is (out, residual), added by the next layer's input norm in the same kernel. Everything but
-    # attention treats tokens independently, which is what lets prefill_graphs.py replay these
-    # halves as CUDA graphs over padded token counts.
+    # The layer in two per-token halves around attention, run by DecoderStack.forward (and by
+    # prefill_graphs.py) on the residual stream: a layer's output is (out, residual), added by the
+    # next layer's input norm in the same kernel. Everything but attention treats tokens
+    # independently, which is what lets prefill_graphs.py replay these halves as CUDA graphs over
+    # padded token counts.
     def pre_attention(self, x, residual, cos, sin, store=None):
         """(q, k, v, residual): input norm (adding x to residual first when residual is given) and
         the q/k/v projections, normed and rotated (and written to the KV cache: `Attention.project`)."""
