@@ -186,19 +186,17 @@ def _pick_config(nk: int, num_experts: int, fmt_gu: QFormat, fmt_d: QFormat, hid
     )
 
 
-def _weight_args(w):
+def expert_weight_args(w, view=as_bytes):
+    """(stored weight as a kernel reads it (`view`), scale, zero), their [E, N, K'] strides, and
+    the format's constexprs, of stacked quantized experts; the fused MoE and the decode GEMVs
+    (quant_moe_gemv.py, viewing int4/int8 as 32-bit words) both read experts this way."""
+    q = view(w.qweight)
     z, (szn, szk) = zero_args(w.zero, w.scale)
     sze = w.zero.stride(0) if w.zero is not None else 0
+    strides = (*q.stride(), *w.scale.stride(), sze, szn, szk)
     fmt = w.fmt
-    strides = (
-        w.qweight.stride(0), w.qweight.stride(1), w.qweight.stride(2),
-        w.scale.stride(0), w.scale.stride(1), w.scale.stride(2), sze, szn, szk,
-    )
-    consts = dict(
-        IS_FP8=fmt.method == "fp8", INT4=fmt.method == "int4", HAS_ZERO=w.zero is not None, ZP=fmt.implicit_zero,
-        SBN=fmt.block_n, SBK=fmt.block_k,
-    )
-    return (as_bytes(w.qweight), w.scale, z), strides, consts
+    consts = dict(HAS_ZERO=w.zero is not None, ZP=fmt.implicit_zero, SBN=fmt.block_n, SBK=fmt.block_k)
+    return (q, w.scale, z), strides, consts
 
 
 def quant_fused_moe(
@@ -232,25 +230,27 @@ def quant_fused_moe(
     num_m_blocks = expert_ids.numel()
 
     inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
-    ptrs, strides, consts = _weight_args(gate_up)
+    ptrs, strides, consts = expert_weight_args(gate_up)
     grid = (num_m_blocks * triton.cdiv(inter, bn),)
     _q_gate_up_kernel[grid](
         hidden, *ptrs, inter_act, sorted_ids, expert_ids,
         nk, hidden_size, inter,
         hidden.stride(0), hidden.stride(1), *strides, inter_act.stride(0), inter_act.stride(1),
-        **consts, SCALE_PER_TILE=scale_per_tile(gate_up.fmt, bk_gu),
+        **consts, IS_FP8=gate_up.fmt.method == "fp8", INT4=gate_up.fmt.method == "int4",
+        SCALE_PER_TILE=scale_per_tile(gate_up.fmt, bk_gu),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk_gu, PRECISION=precision, UPCAST=upcast, **launch,
     )
 
     out = torch.empty(nk, hidden_size, dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    ptrs, strides, consts = _weight_args(down)
+    ptrs, strides, consts = expert_weight_args(down)
     grid = (num_m_blocks * triton.cdiv(hidden_size, bn),)
     _q_down_kernel[grid](
         inter_act, *ptrs, out, weights, sorted_ids, expert_ids,
         nk, hidden_size, inter,
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
-        **consts, SCALE_PER_TILE=scale_per_tile(down.fmt, bk_d),
+        **consts, IS_FP8=down.fmt.method == "fp8", INT4=down.fmt.method == "int4",
+        SCALE_PER_TILE=scale_per_tile(down.fmt, bk_d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk_d, PRECISION=precision, UPCAST=upcast, **launch,
     )
     return out.view(n, top_k, hidden_size).sum(dim=1).to(hidden.dtype)

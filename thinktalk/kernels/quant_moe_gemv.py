@@ -33,8 +33,7 @@ from .quant_gemv import (
     DEFAULT_STAGES, _load_scales, _step_dot, chunk_consts, gemv_supported, packed_words, rows_per_program,
     step_columns, warps_for,
 )
-from .quant_gemm import zero_args
-from .quant_moe import quant_moe_reference
+from .quant_moe import expert_weight_args, quant_moe_reference
 
 if triton is not None:
     import triton.language as tl
@@ -163,16 +162,6 @@ def moe_gemv_supported(gate_up, down) -> bool:
     return gemv_supported(gate_up.fmt, gate_up.in_features) and gemv_supported(down.fmt, down.in_features)
 
 
-def _expert_args(w):
-    """(packed weight as the kernels read it, scale, zero), their [E, N, K'] strides, constexprs."""
-    q = packed_words(w.qweight, w.fmt)
-    z, (szn, szk) = zero_args(w.zero, w.scale)
-    sze = w.zero.stride(0) if w.zero is not None else 0
-    strides = (*q.stride(), *w.scale.stride(), sze, szn, szk)
-    consts = dict(HAS_ZERO=w.zero is not None, ZP=w.fmt.implicit_zero, SBN=w.fmt.block_n, SBK=w.fmt.block_k)
-    return (q, w.scale, z), strides, consts
-
-
 def moe_gemv_config(tokens: int, top_k: int, hidden: int, inter: int, method: str) -> dict:
     """gate_up: programs = pairs x I / BLOCK_N; down: tokens x H / BLOCK_N (see quant_gemv)."""
     bk_gu, bk_d = step_columns(hidden, method), step_columns(inter, method)
@@ -209,7 +198,7 @@ def quant_moe_gemv(
 
     bk, bn = cfg["BLOCK_K_GU"], cfg["BLOCK_N_GU"]
     inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
-    ptrs, strides, consts = _expert_args(gate_up)
+    ptrs, strides, consts = expert_weight_args(gate_up, lambda q: packed_words(q, gate_up.fmt))
     _moe_gate_up_gemv_kernel[(nk, triton.cdiv(inter, bn))](
         hidden, *ptrs, ids, inter_act,
         hidden_size, inter, ptrs[0].shape[-1],
@@ -220,7 +209,7 @@ def quant_moe_gemv(
 
     bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
     out = torch.empty(n, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    ptrs, strides, consts = _expert_args(down)
+    ptrs, strides, consts = expert_weight_args(down, lambda q: packed_words(q, down.fmt))
     _moe_down_gemv_kernel[(n, triton.cdiv(hidden_size, bn))](
         inter_act, *ptrs, ids, weights, out,
         hidden_size, inter, ptrs[0].shape[-1], triton.cdiv(inter, bk),
