@@ -93,12 +93,18 @@ def test_padding_writes_only_the_scratch_block(model):
         assert int(changed[: pool.scratch_block].sum()) == own_blocks
 
 
-def test_preemption_prefix_reuse_and_hidden_states(model):
+@pytest.mark.parametrize("prefill_graphs", [False, True], ids=["eager-prefill", "piecewise-prefill"])
+def test_preemption_prefix_reuse_and_hidden_states(model, prefill_graphs):
+    """Chunked prefill (16-token budget), preemption by recompute and prefix reuse through the static
+    decode step, with the talker's hidden states (layer 0 and 2) captured on the way; and the same
+    with the prefill chunks through prefill_graphs.py's pieces."""
     ref = _requests(speak=True)
     _run(model, EngineConfig(), ref, capture_layer=2)
     got = _requests(speak=True)
-    engine = _run(model, _graphed(num_kv_blocks=12, kv_watermark=0.0, max_prefill_tokens=16), got, capture_layer=2)
+    config = _graphed(num_kv_blocks=12, kv_watermark=0.0, max_prefill_tokens=16, prefill_graphs=prefill_graphs)
+    engine = _run(model, config, got, capture_layer=2)
     assert engine.stats["preemptions"] > 0 and engine.stats["cached_tokens"] > 0 and engine.decode_graphs.steps > 0
+    assert (engine.prefill_graphs is not None and engine.prefill_graphs.steps > 0) == prefill_graphs
     for a, b in zip(ref, got):
         assert a.output_ids == b.output_ids
         for layer in (0, 2):
