@@ -50,7 +50,8 @@ class PrefillGraphs:
         self.use_graphs = self.device.type == "cuda"
         self.buckets = [b for b in BUCKETS if b < max_tokens] + [next((b for b in BUCKETS if b >= max_tokens), max_tokens)]
         self.min_tokens = min_tokens
-        self.capture_layers = tuple(c for c in capture_layers if 0 < c <= len(self.layers))
+        # layer outputs kept in buffers; the last entry is the normed output, `final` (as in the stack)
+        self.capture_layers = tuple(c for c in capture_layers if 0 < c < len(self.layers))
         big = self.buckets[-1]
         hidden = weight.shape[0]
         dev, dt = self.device, self.dtype

@@ -86,3 +86,23 @@ def test_padding_rows_never_reach_real_rows(model):
     while engine.has_work():
         engine.step()
     assert [r.output_ids for r in got] == [r.output_ids for r in ref]
+
+
+def test_captured_layers_as_the_stack_returns_them(model):
+    """Every capture index, the last one included (transformers ties it to the normed output),
+    equal to `DecoderStack.forward`'s."""
+    from thinktalk.layers.attention import ContiguousKV, SequenceKV
+
+    stack = model.thinker.model
+    last = len(stack.layers)
+    capture = (0, 1, last)
+    n = 21
+    embeds = model.thinker.embed(torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(9)))[0]
+    positions = torch.arange(n)[None].expand(3, -1)
+    with torch.inference_mode():
+        want_hidden, want = stack(embeds, positions, ContiguousKV([SequenceKV()], [n]), None, capture)
+        hidden, got = PrefillGraphs(stack, 64, capture).run(embeds, positions, ContiguousKV([SequenceKV()], [n]), capture)
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    assert sorted(got) == sorted(want)
+    for c in capture:
+        torch.testing.assert_close(got[c], want[c], rtol=1e-5, atol=1e-5)
