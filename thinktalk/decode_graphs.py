@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from .kernels import paged_attention as pa
@@ -114,6 +113,10 @@ class PagedDecodeBuffers:
         # which sequence's block table each staging row holds, and how many entries of it: a
         # sequence keeps its row from step to step, so only its newest entries are written
         self._row_owner: list[tuple[object, int]] = [(None, 0)] * max_batch
+        # the uploads out of the pinned staging buffers run asynchronously: the next step may not
+        # overwrite them before they have (with the engine's overlapped steps the host stages step
+        # k+1 while step k may still wait behind step k-1 on the GPU)
+        self._uploaded: torch.cuda.Event | None = None
         kv_heads = pool.k[0].shape[2]
         fixed = dev.type == "cuda" and pa.available(dev)  # the grid is part of the graph
         self.num_splits = {b: (pa._num_splits(b, kv_heads, max_context, 64, dev) if fixed else None) for b in self.buckets}
@@ -129,6 +132,7 @@ class PagedDecodeBuffers:
         position column `positions[:, i]`); rows past them become padding."""
         n = len(seqs)
         bs = self.pool.block_size
+        self._wait_staging()
         rows, tables = self._rows_np, self._tables_np
         self._pos_np[:, :n] = positions
         width = 1
@@ -150,6 +154,7 @@ class PagedDecodeBuffers:
         """Staging rows first..bucket-1 become padding: position 0, writing and reading the
         scratch block."""
         scratch, bs = self.pool.scratch_block, self.pool.block_size
+        self._wait_staging()
         self._pos_np[:, first:bucket] = 0
         self._rows_np[0, first:bucket] = scratch * bs
         self._rows_np[1, first:bucket] = 1
@@ -164,6 +169,16 @@ class PagedDecodeBuffers:
         self.slot_mapping[:bucket].copy_(self._rows[0, :bucket], non_blocking=nb)
         self.context_lens[:bucket].copy_(self._rows[1, :bucket], non_blocking=nb)
         self.block_tables[:bucket, :width].copy_(self._tables[:bucket, :width], non_blocking=nb)
+        if nb:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+
+    def _wait_staging(self) -> None:
+        """Block until the last uploads out of the staging buffers have run (a no-op unless
+        the GPU is still behind them)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     def _attention(self, bucket: int) -> StaticDecodeAttention:
         return StaticDecodeAttention(self.pool, self.slot_mapping[:bucket], self.block_tables[:bucket],
@@ -203,20 +218,27 @@ class DecodeGraphs(PagedDecodeBuffers):
     def supports(self, batch: Batch) -> bool:
         return not any(batch.prefill) and len(batch.requests) <= self.max_batch
 
-    def run(self, batch: Batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits [n, V] (float32) of a decode-only batch and the captured hidden states [n, H]."""
+    def run(self, batch: Batch, device_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits [n, V] (float32) of a decode-only batch and the captured hidden states [n, H].
+        device_ids: the batch's input ids as a device tensor [n] (tokens the previous step sampled
+        that the host has not seen yet), instead of `batch.input_ids`."""
         n = len(batch.requests)
         bucket = self.bucket(n)
-        self._fill(batch, bucket)
+        self._fill(batch, bucket, device_ids)
         logits, captured = self._replay(bucket)
         return logits[:n], {layer: h[:n].clone() for layer, h in captured.items()}
 
-    def _fill(self, batch: Batch, bucket: int) -> None:
+    def _fill(self, batch: Batch, bucket: int, device_ids: torch.Tensor | None = None) -> None:
         """Write the batch into the static buffers; rows past the batch become padding (token 0)."""
         n = len(batch.requests)
-        self._ids_np[:n] = batch.input_ids.numpy()
+        self._wait_staging()
+        first = 0 if device_ids is None else n
+        if device_ids is None:
+            self._ids_np[:n] = batch.input_ids.numpy()
         self._ids_np[n:bucket] = 0
-        self.input_ids[:bucket].copy_(self._ids[:bucket], non_blocking=self.use_graphs)
+        self.input_ids[first:bucket].copy_(self._ids[first:bucket], non_blocking=self.use_graphs)
+        if device_ids is not None:
+            self.input_ids[:n].copy_(device_ids)
         self._stage_rows([r.kv for r in batch.requests], batch.starts, batch.positions.numpy(), bucket)
 
     def _forward(self, bucket: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -103,31 +103,63 @@ def sample_batch(logits: torch.Tensor, requests: list) -> list[tuple[int, torch.
     """
     logits = logits.float()
     out: list = [None] * logits.shape[0]
+    own, greedy, groups = _partition(requests)
+    for i in own:
+        req = requests[i]
+        token, logprobs = sample_one(logits[i], req.sampling, req.prompt_ids, req.output_ids, req.generator)
+        out[i] = (token, logprobs if req.sampling.logprobs is not None else None)
+    if greedy or groups:
+        rows = greedy + [i for members in groups.values() for i in members]
+        for i, token in zip(rows, _batched_tokens(logits, greedy, groups).tolist()):
+            out[i] = (token, None)
+    return out
+
+
+def sample_batch_on_device(logits: torch.Tensor, requests: list) -> torch.Tensor:
+    """Tokens [B] (long, on the logits' device, no host copy) for requests none of which
+    `needs_own_pass`: what `sample_batch` picks for them, left on the device so that the next
+    decode step can read them before the host does (the engine's overlapped steps)."""
+    own, greedy, groups = _partition(requests)
+    if own:
+        raise ValueError("sample_batch_on_device: a request needs its own sampling pass")
+    rows = greedy + [i for members in groups.values() for i in members]
+    picked = _batched_tokens(logits.float(), greedy, groups)
+    if rows == list(range(len(rows))):
+        return picked
+    tokens = torch.empty_like(picked)
+    tokens[torch.tensor(rows, device=logits.device)] = picked
+    return tokens
+
+
+def _partition(requests: list) -> tuple[list[int], list[int], dict[tuple, list[int]]]:
+    """Row indices of the requests that need their own pass, of the greedy ones, and of the
+    others grouped by (temperature, top_k, top_p)."""
+    own: list[int] = []
     greedy: list[int] = []
     groups: dict[tuple, list[int]] = {}
     for i, req in enumerate(requests):
         sp = req.sampling
         if needs_own_pass(sp, req.generator):
-            token, logprobs = sample_one(logits[i], sp, req.prompt_ids, req.output_ids, req.generator)
-            out[i] = (token, logprobs if sp.logprobs is not None else None)
+            own.append(i)
         elif sp.greedy:
             greedy.append(i)
         else:
             groups.setdefault((sp.temperature, sp.top_k, sp.top_p), []).append(i)
-    rows, picked = [], []
+    return own, greedy, groups
+
+
+def _batched_tokens(logits: torch.Tensor, greedy: list[int], groups: dict[tuple, list[int]]) -> torch.Tensor:
+    """Tokens of the greedy rows, then of each sampling group's rows, in that order, as one
+    tensor on the device: one batched argmax, one filter + draw per distinct setting."""
+    picked = []
     if greedy:
         sub = logits if len(greedy) == logits.shape[0] else logits[torch.tensor(greedy, device=logits.device)]
         picked.append(_no_nan(sub).argmax(-1))
-        rows += greedy
     for (temperature, top_k, top_p), members in groups.items():
         sub = logits[torch.tensor(members, device=logits.device)]
         probs = filter_logits(sub, temperature, top_k, top_p).softmax(-1)
         picked.append(draw(sub, probs))
-        rows += members
-    if picked:
-        for i, token in zip(rows, torch.cat(picked).tolist()):
-            out[i] = (token, None)
-    return out
+    return picked[0] if len(picked) == 1 else torch.cat(picked)
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:
