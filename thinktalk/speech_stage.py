@@ -71,10 +71,23 @@ reference loop's multinomial calls).
 Code2wav: each request streams through `Code2WavStream(exact=True)` with a small first chunk
 (default 4 frames = 320 ms) then doubling ones (8, 16, 32, 50: each arrives before the audio before
 it has played out once the stage runs faster than real time); the concatenated PCM equals the
-one-shot decode of the same codes to float rounding. On the GPU a decode costs ~20 ms whatever its
-length and every new conv shape costs ~1 s of set-up once, so `warmup()` decodes each chunk shape at
-start-up and a request's last chunk is padded to a schedule size (then cut: exact). Chunks go to the
-request's `on_chunk` callback and come back from `step()`.
+one-shot decode of the same codes to float rounding. Every new conv shape costs ~1 s of set-up once
+on the GPU, so `warmup()` decodes each chunk shape at start-up and a request's last chunk is padded
+to a schedule size (then cut: exact). Chunks go to the request's `on_chunk` callback and come back
+from `step()`.
+
+Launched op by op, a decode is host bound on the GPU: ~3,400 aten calls, ~46 ms on an H100 whatever
+the chunk's length (0.28 s of a 10 s answer at one request). About half of them are the conv stack
+(upsampling ConvNeXt blocks and the decoder: 507 of 936 top-level ops for a 50-frame chunk), so
+with backend "graphs" the stack replays a CUDA graph per (batch bucket, frames)
+(`code2wav_graphs.Code2WavGraphs`: buckets 1, 2, 4, 8; a larger group of requests at the same point
+takes several replays). Its lengths are few and known: chunk plus cached history (growing to
+conv_context_frames, 10) and the padded last chunk, 4, 8, 12, 14, 18, 26, 42 and 60 frames for the
+default schedule (`code2wav_graphs.stream_conv_frames`), and `warmup()` captures them for the batch
+sizes it is given (one memory pool, as large as the largest graph: ~0.1 GiB per row at 60 frames).
+A shape warmup did not capture runs eagerly. The transformer before the stack (the other 429 ops)
+stays eager: its window grows with the history (up to 568 + chunk frames) and its rotary positions
+with the stream, too many shapes to capture as it is.
 
 Measured on an H200 (benchmarks/bench_speech.py, full-size random weights, bf16), with the talker's
 KV still in static per-request slots (before it was paged): per frame at one request, talker
@@ -120,6 +133,12 @@ def to_device(values, dtype, device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def final_chunk_frames(pending: int, schedule: Sequence[int]) -> int:
+    """What a request's last chunk of `pending` frames is padded to (pad_final_chunk): the smallest
+    schedule size >= pending, so the GPU sees only the conv shapes `warmup` prepared."""
+    return next((n for n in sorted(set(schedule)) if n >= pending), pending)
 
 
 # -- events -------------------------------------------------------------------------------------
@@ -362,6 +381,8 @@ class SpeechStage:
     tokens or in GiB; default: 2,048 tokens per request of max_active (or of 64), i.e. 40 MiB
     each for the full talker in bf16, at least 8,192 tokens (speech_graphs.plan_talker_blocks).
     pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
+    code2wav_graph_batch: backend "graphs": the largest batch of code2wav conv stacks replayed as one
+    CUDA graph (larger groups take several replays); default 8 (~0.1 GiB of graph memory per row).
     compile_predictor: torch.compile the code predictor's frame loop before graphing it (GPU).
     keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.
     """
@@ -383,6 +404,7 @@ class SpeechStage:
         pad_final_chunk: bool | None = None,
         batch_code2wav: bool | None = None,
         compile_predictor: bool = False,
+        code2wav_graph_batch: int | None = None,
         profile: bool = False,
     ):
         if model.talker is None:
@@ -433,6 +455,13 @@ class SpeechStage:
             self.predictor = GraphPredictor(self.talker, graphs=graphs, compile=compile_predictor)
         else:
             raise ValueError(f"speech backend must be auto, contiguous, paged or graphs, not {backend!r}")
+        # code2wav's conv stack through static buffers, graphed on CUDA once `warmup` captured its
+        # shapes (eager until then, and always off CUDA)
+        self.code2wav_graphs = None
+        if backend == "graphs":
+            from .code2wav_graphs import DEFAULT_MAX_BATCH as C2W_MAX_BATCH, Code2WavGraphs
+
+            self.code2wav_graphs = Code2WavGraphs(self.code2wav, max_batch=code2wav_graph_batch or C2W_MAX_BATCH)
         self.max_active = max_active
         self.jobs: dict[str, SpeechJob] = {}
         self.queue: deque[SpeechJob] = deque()  # waiting for a place (max_active, free KV blocks)
@@ -483,7 +512,7 @@ class SpeechStage:
                         ignore_eos=ignore_eos, generator=generator, on_chunk=on_chunk, assistant_start=start,
                         groups=self.groups, talker_len=talker_len, t_added=time.perf_counter())
         job.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-        job.stream = Code2WavStream(self.code2wav, self.schedule) if decode_audio else None
+        job.stream = self._code2wav_stream() if decode_audio else None
         self.jobs[req.request_id] = job
         self.queue.append(job)
         return job
@@ -512,17 +541,28 @@ class SpeechStage:
         """Talker KV tokens held, over all requests."""
         return sum(self.runner.kv_tokens(j) for j in self.jobs.values() if j.kv is not None)
 
+    def _code2wav_stream(self) -> Code2WavStream:
+        return Code2WavStream(self.code2wav, self.schedule, conv_runner=self.code2wav_graphs)
+
     @torch.inference_mode()
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Pay one-time costs before the first request: CUDA graphs for these numbers of speaking
-        requests, and code2wav over every chunk shape the schedule makes (conv set-up per shape).
+        requests (talker, predictor, and code2wav's conv stack for every length the schedule makes),
+        and code2wav over every chunk shape the schedule makes (conv set-up per shape).
         Call at start-up, from the thread that steps the stage, with no request speaking."""
+        if self.code2wav_graphs is not None:
+            from .code2wav_graphs import stream_conv_frames
+
+            # batched: requests at the same point share one conv stack (up to the graph batch)
+            rows = max(batch_sizes) if self.batch_code2wav else 1
+            frames = stream_conv_frames(self.schedule, self.code2wav.conv_context_frames, self.pad_final_chunk)
+            self.code2wav_graphs.capture(self.code2wav_graphs.shapes(frames, rows))
         sizes = sorted(set(self.schedule))
         first = self.schedule[0]
         second = self.schedule[1] if len(self.schedule) > 1 else first
         plans = [[first, n] for n in sizes if n <= second] + [[first, second, n] for n in sizes]
         for plan in plans:
-            stream = Code2WavStream(self.code2wav, self.schedule)
+            stream = self._code2wav_stream()
             for n in plan:
                 stream.push(torch.zeros(self.groups, n, dtype=torch.long, device=self.device))
             stream.flush()
@@ -847,7 +887,7 @@ class SpeechStage:
         pending = stream.frames_pending
         if not self.pad_final_chunk or pending == 0:
             return stream.flush()
-        target = next((n for n in sorted(set(self.schedule)) if n >= pending), pending)
+        target = final_chunk_frames(pending, self.schedule)
         out = []
         if target > pending:
             pad = torch.zeros(self.groups, target - pending, dtype=torch.long, device=self.device)

@@ -492,6 +492,26 @@ def test_warmup_runs_greedy_and_sampled_predictor_then_speaks_the_same(omni):
     assert job.codes().shape[1] > 0 and torch.equal(job.codes(), _reference(omni, req))
 
 
+def test_warmup_prepares_every_code2wav_conv_shape(omni):
+    """Backend "graphs": warmup prepares (on the GPU: captures) code2wav's conv stack for every
+    length the schedule makes, so a 125-frame answer and its padded last chunk run none of it
+    eagerly; its codes and PCM are those of the reference backend (one request: nothing padded)."""
+    stage = _stage(omni, backend="graphs", pad_final_chunk=True)
+    stage.warmup((1,))
+    runner = stage.code2wav_graphs
+    assert runner.captured == [(1, t) for t in (4, 8, 12, 14, 18, 26, 42, 60)]
+    before = dict(runner.counts)
+    (job,), _ = _run(omni, stage, [_request(omni, frames=125)], ignore_eos=True)
+    assert len(job.frames) == 125
+    # chunks of 4, 8, 16, 32 and 50 frames, then the last 15 padded to 16
+    assert runner.counts["replays"] - before["replays"] == 6 and runner.counts["eager"] == before["eager"]
+    (ref,), _ = _run(omni, _stage(omni, pad_final_chunk=True), [_request(omni, frames=125)], ignore_eos=True)
+    assert torch.equal(job.codes(), ref.codes())
+    assert np.array_equal(job.pcm(), ref.pcm())
+    u, hold = omni.model.code2wav.total_upsample, omni.model.code2wav.lookahead_samples
+    assert job.pcm().size == 125 * u - hold
+
+
 def test_batched_code2wav_same_codes_and_lengths(omni):
     """batch_code2wav (the GPU default): three requests together, code2wav forwards shared. Codes
     are identical to each alone; PCM has the same length and differs only by the rounding of

@@ -49,7 +49,7 @@ boundary, whatever its left context; with left_ctx < 578 the chunk starts also d
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -485,6 +485,10 @@ class Code2WavStream:
     last lookahead_samples of the waveform so far always wait for the next frame).
     exact=False: the reference rule, as `Code2Wav.chunked_decode`: full forward over
     [left_context_size + chunk] frames, drop left_context_size * U samples, emit everything.
+
+    conv_runner: what runs the conv stack of an exact decode, a callable with the signature of
+    `model.wav_from_hidden` (the default); the GPU speech stage passes one that replays CUDA graphs
+    (thinktalk/code2wav_graphs.py). Streams decoded together use the first one's.
     """
 
     def __init__(
@@ -496,6 +500,7 @@ class Code2WavStream:
         left_context_size: int = 25,
         transformer_context_frames: int | None = -1,
         conv_context_frames: int | None = None,
+        conv_runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if not schedule or any(int(n) < 1 for n in schedule):
             raise ValueError(f"schedule must be a non-empty list of positive frame counts, got {schedule!r}")
@@ -507,6 +512,7 @@ class Code2WavStream:
         self.tf_ctx = model.transformer_context_frames if transformer_context_frames == -1 else transformer_context_frames
         self.conv_ctx = model.conv_context_frames if conv_context_frames is None else conv_context_frames
         self.holdback = model.lookahead_samples
+        self.conv_runner = model.wav_from_hidden if conv_runner is None else conv_runner
         self.reset()
 
     def reset(self) -> None:
@@ -625,7 +631,7 @@ class Code2WavStream:
             h = m.hidden_from_codes(window, position_offset=start - self._kept)[:, self._kept :]
             hist = self._hidden if self._hidden is not None else h[:, :0]
             hc = torch.cat([hist, h], dim=1)
-            wav = m.wav_from_hidden(hc)
+            wav = self.conv_runner(hc)
             # wav[0] is sample (start - hist) * U; samples before start*U - holdback were emitted.
             first = hist.shape[1] * u - (self.holdback if start > 0 else 0)
             if first < 0:

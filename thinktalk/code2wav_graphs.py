@@ -1,0 +1,200 @@
+"""code2wav's conv stack (`Code2Wav.wav_from_hidden`) as CUDA graphs, one per (batch bucket, frames).
+
+Why: a streaming code2wav decode (`Code2WavStream._decode`) runs the sliding-window transformer
+over the chunk and its history, then the conv stack over [<= conv_context_frames cached
+transformer outputs + chunk] frames: two trans-convs with ConvNeXt blocks, then four decoder
+blocks of SnakeBeta + trans-conv + three residual units. On the GPU a decode's ~3,400 aten calls
+are launched one by one from Python and the decode is host bound: ~46 ms on an H100 whatever the
+chunk's length, 0.28 s of a 1.18 s spoken answer at one request. The conv stack is about half of
+those calls (507 of 936 top-level ops for a 50-frame chunk with the real config, counted on the
+CPU; the transformer is the rest) and has few shapes, so it is graphed: replaying a captured graph
+launches its kernels all at once.
+
+A graph replays fixed shapes over fixed memory, so each (bucket, T) has a static input
+[bucket, T, hidden] and a static output [bucket, 1, T*U - lookahead]. A call with B rows of T
+frames copies them into the input (rows B..bucket-1 zero: every conv, norm and activation of the
+stack works per batch row, so padding rows never change the real ones), replays, and returns a
+copy of the first B rows (the next replay overwrites the output). Groups larger than the largest
+bucket run as several replays of it (and one of a smaller bucket for the rest), which also bounds
+the memory the graphs hold: their intermediates live in one memory pool shared by all graphs
+(captured largest first, so the smaller ones reuse its blocks), sized by the largest graph alone,
+~0.1 GiB per batch row for a 60-frame window of the full model in bf16
+(benchmarks/quant_memory_plan.py), so ~0.8 GiB with the default largest bucket of 8.
+
+Which shapes: a stream's conv-stack lengths are few and known in advance (`stream_conv_frames`:
+chunk sizes plus a history that grows to conv_context_frames, and the padded final chunk), so the
+speech stage captures them all at start-up (`SpeechStage.warmup` -> `capture`). A shape never
+captured runs eagerly (`counts["eager"]`): capturing on a live request would stall it for the
+warm-up and capture runs.
+
+The stack is capturable as it is: causal convs pad with constants, trans-convs trim by
+Python-constant amounts, SnakeBeta and the ConvNeXt block are elementwise / norm / linear ops;
+nothing reads a tensor's value on the host or has a data-dependent shape.
+
+Off CUDA the same static-buffer path runs eagerly (the stack over the padded input buffer), which
+is what the CPU tests compare with `wav_from_hidden`. A capture failure on CUDA logs a warning and
+drops every graph: all shapes then run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .decode_graphs import warm_and_capture
+from .models.code2wav import Code2Wav
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8)
+DEFAULT_MAX_BATCH = 8  # largest graphed batch; ~0.1 GiB of graph pool per row at 60 frames (full model, bf16)
+
+
+def stream_conv_frames(schedule: Sequence[int], conv_context_frames: int, pad_final: bool = True) -> list[int]:
+    """Every frame count T the conv stack sees in an exact `Code2WavStream` with this schedule.
+
+    Chunk k of n_k frames (n_k = schedule[k], the last entry repeating) runs the stack over
+    hist_k + n_k frames, hist_k = min(conv_context_frames, frames decoded before it) (the cached
+    transformer outputs, `Code2WavStream._decode`). With pad_final (`SpeechStage._flush`), a
+    request's last chunk is padded to the smallest schedule size >= its frames: some schedule size
+    <= n_k, over the same hist_k. Without it a last chunk can be any length below n_k: those are
+    left out (they run eagerly). Once the schedule repeats and the history is full, the shapes
+    repeat too, which is where the walk stops."""
+    if not schedule or any(int(n) < 1 for n in schedule):
+        raise ValueError(f"schedule must be a non-empty list of positive frame counts, got {schedule!r}")
+    sizes = sorted({int(n) for n in schedule})
+    frames: set[int] = set()
+    decoded, k = 0, 0
+    while True:
+        n = int(schedule[min(k, len(schedule) - 1)])
+        hist = min(conv_context_frames, decoded)
+        frames.add(hist + n)
+        if pad_final:
+            frames.update(hist + s for s in sizes if s <= n)
+        if k >= len(schedule) - 1 and hist == conv_context_frames:
+            return sorted(frames)
+        decoded += n
+        k += 1
+
+
+@dataclass
+class _Entry:
+    """One (bucket, frames) shape: static input, and on CUDA its graph and static output."""
+
+    input: torch.Tensor  # [bucket, T, hidden]
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None  # [bucket, 1, samples]
+    filled: int = 0  # rows of `input` holding real data since the last call (the rest are zero)
+
+
+class Code2WavGraphs:
+    """`wav_from_hidden(hidden [B, T, H]) -> wav [B, 1, T*U - lookahead]` through captured shapes.
+
+    A `Code2WavStream`'s `conv_runner`. buckets: graphed batch sizes, capped at max_batch (which
+    is always one); `capture(shapes)` graphs (bucket, T) shapes; a call whose T was captured runs
+    through them (B above the largest captured bucket for T in several replays), any other eagerly.
+    counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
+    found no captured shape)."""
+
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.buckets = tuple(sorted({b for b in buckets if 0 < b < max_batch} | {max_batch}))
+        self.max_batch = max_batch
+        weight = model.code_embedding.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.hidden_size = weight.shape[1]
+        self.use_graphs = self.device.type == "cuda"
+        self.mempool = None
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._buckets_of: dict[int, list[int]] = {}  # T -> captured buckets, ascending
+        self.counts = {"replays": 0, "eager": 0}
+
+    # -- shapes -----------------------------------------------------------------------------------
+    def bucket(self, rows: int) -> int:
+        """The bucket `rows` rows run in (the largest one when they need several replays)."""
+        i = bisect.bisect_left(self.buckets, rows)
+        return self.buckets[min(i, len(self.buckets) - 1)]
+
+    def shapes(self, frames: Iterable[int], max_rows: int = 1) -> list[tuple[int, int]]:
+        """(bucket, T) for each T and each bucket up to the one `max_rows` rows use."""
+        top = self.bucket(max(1, max_rows))
+        return [(b, int(t)) for t in sorted(set(frames)) for b in self.buckets if b <= top]
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        return sorted(self._entries)
+
+    # -- capture ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
+        """Graph these (bucket, T) shapes (off CUDA: make their static buffers), largest first so
+        the smaller graphs reuse the pool's blocks. Call at start-up: each costs a few runs."""
+        if self.device.type == "cuda" and not self.use_graphs:
+            return  # a capture failed: everything runs eagerly, unpadded
+        todo = sorted({(int(b), int(t)) for b, t in shapes} - set(self._entries), key=lambda s: (s[0] * s[1], s),
+                      reverse=True)
+        for bucket, frames in todo:
+            if bucket < 1 or frames < 1:
+                raise ValueError(f"code2wav graph shape must be positive, got ({bucket}, {frames})")
+            entry = _Entry(torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device))
+            if self.use_graphs and not self._capture(entry):
+                return
+            self._entries[(bucket, frames)] = entry
+            bisect.insort(self._buckets_of.setdefault(frames, []), bucket)
+
+    def _capture(self, entry: _Entry) -> bool:
+        try:
+            if self.mempool is None:
+                self.mempool = torch.cuda.graph_pool_handle()
+            entry.graph, entry.output = warm_and_capture(lambda: self.model.wav_from_hidden(entry.input),
+                                                         self.mempool, self.device)
+            return True
+        except Exception as exc:  # noqa: BLE001 - an op that cannot be captured (or out of memory)
+            log.warning("code2wav CUDA graph [%d, %d] not captured (%r); code2wav runs eagerly",
+                        *entry.input.shape[:2], exc)
+            self.use_graphs = False
+            self._entries.clear()
+            self._buckets_of.clear()
+            torch.cuda.synchronize(self.device)
+            return False
+
+    # -- the call ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows, frames = hidden.shape[0], hidden.shape[1]
+        buckets = self._buckets_of.get(frames)
+        if not buckets or rows == 0:
+            self.counts["eager"] += 1
+            return self.model.wav_from_hidden(hidden)
+        out = None
+        start = 0
+        while start < rows:
+            n = min(rows - start, buckets[-1])
+            bucket = buckets[bisect.bisect_left(buckets, n)]
+            wav = self._run(self._entries[(bucket, frames)], hidden[start : start + n])
+            if n == rows:
+                return wav[:n].clone()
+            if out is None:
+                out = wav.new_empty((rows, *wav.shape[1:]))
+            out[start : start + n].copy_(wav[:n])  # before the next replay overwrites it
+            start += n
+        return out
+
+    def _run(self, entry: _Entry, hidden: torch.Tensor) -> torch.Tensor:
+        """The entry's output for these rows (fewer than its bucket: the rest are zero padding)."""
+        n = hidden.shape[0]
+        entry.input[:n].copy_(hidden)
+        if entry.filled > n:
+            entry.input[n : entry.filled].zero_()
+        entry.filled = n
+        self.counts["replays"] += 1
+        if entry.graph is None:
+            return self.model.wav_from_hidden(entry.input)
+        entry.graph.replay()
+        return entry.output
