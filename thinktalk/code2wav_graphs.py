@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,24 +83,26 @@ def stream_conv_frames(schedule: Sequence[int], conv_context_frames: int, pad_fi
 
 @dataclass
 class _Entry:
-    """One (bucket, frames) shape: static input, and on CUDA its graph and static output."""
+    """One (bucket, key) shape: static inputs (batch first), and on CUDA its graph and static output."""
 
-    input: torch.Tensor  # [bucket, T, hidden]
+    inputs: tuple[torch.Tensor, ...]  # each [bucket, ...]
     graph: torch.cuda.CUDAGraph | None = None
-    output: torch.Tensor | None = None  # [bucket, 1, samples]
-    filled: int = 0  # rows of `input` holding real data since the last call (the rest are zero)
+    output: torch.Tensor | None = None  # [bucket, ...]
+    filled: int = 0  # rows of the inputs holding real data since the last call (the rest are zero)
 
 
-class Code2WavGraphs:
-    """`wav_from_hidden(hidden [B, T, H]) -> wav [B, 1, T*U - lookahead]` through captured shapes.
+class _BucketedGraphs:
+    """What both code2wav runners share: static buffers per (batch bucket, key) (key: the conv
+    stack's frames, the transformer's chunk frames), captured largest first into one memory pool
+    (which several runners may share), calls of B rows padded to the next bucket with zero rows or
+    split into replays of the largest bucket, and a capture failure dropping every graph of the
+    runner (all its shapes then run eagerly). Off CUDA the same buffers run `_body` eagerly.
 
-    A `Code2WavStream`'s `conv_runner`. buckets: graphed batch sizes, capped at max_batch (which
-    is always one); `capture(shapes)` graphs (bucket, T) shapes; a call whose T was captured runs
-    through them (B above the largest captured bucket for T in several replays), any other eagerly.
-    counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
-    found no captured shape)."""
+    A subclass says how to allocate an entry's inputs (`_new_entry`), what runs over them
+    (`_body`) and how large a shape is (`_size`: the capture order), and loads each piece's rows
+    through `_through_graphs`."""
 
-    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, model: Code2Wav, buckets: Sequence[int], max_batch: int, mempool=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -110,10 +112,22 @@ class Code2WavGraphs:
         self.device, self.dtype = weight.device, weight.dtype
         self.hidden_size = weight.shape[1]
         self.use_graphs = self.device.type == "cuda"
-        self.mempool = None
+        # one pool for every graph of this runner (and of the runners handed it): graphs replay one
+        # at a time and each keeps its static output alive, so their intermediates can share blocks
+        self.mempool = mempool if mempool is not None or not self.use_graphs else torch.cuda.graph_pool_handle()
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self._buckets_of: dict[int, list[int]] = {}  # T -> captured buckets, ascending
+        self._buckets_of: dict[int, list[int]] = {}  # key -> captured buckets, ascending
         self.counts = {"replays": 0, "eager": 0}
+
+    # -- what a subclass provides -------------------------------------------------------------------
+    def _new_entry(self, bucket: int, key: int) -> _Entry:
+        raise NotImplementedError
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _size(self, bucket: int, key: int) -> int:
+        raise NotImplementedError
 
     # -- shapes -----------------------------------------------------------------------------------
     def bucket(self, rows: int) -> int:
@@ -121,10 +135,10 @@ class Code2WavGraphs:
         i = bisect.bisect_left(self.buckets, rows)
         return self.buckets[min(i, len(self.buckets) - 1)]
 
-    def shapes(self, frames: Iterable[int], max_rows: int = 1) -> list[tuple[int, int]]:
-        """(bucket, T) for each T and each bucket up to the one `max_rows` rows use."""
+    def shapes(self, keys: Iterable[int], max_rows: int = 1) -> list[tuple[int, int]]:
+        """(bucket, key) for each key and each bucket up to the one `max_rows` rows use."""
         top = self.bucket(max(1, max_rows))
-        return [(b, int(t)) for t in sorted(set(frames)) for b in self.buckets if b <= top]
+        return [(b, int(k)) for k in sorted(set(keys)) for b in self.buckets if b <= top]
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -133,31 +147,27 @@ class Code2WavGraphs:
     # -- capture ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
-        """Graph these (bucket, T) shapes (off CUDA: make their static buffers), largest first so
+        """Graph these (bucket, key) shapes (off CUDA: make their static buffers), largest first so
         the smaller graphs reuse the pool's blocks. Call at start-up: each costs a few runs."""
         if self.device.type == "cuda" and not self.use_graphs:
             return  # a capture failed: everything runs eagerly, unpadded
-        todo = sorted({(int(b), int(t)) for b, t in shapes} - set(self._entries), key=lambda s: (s[0] * s[1], s),
-                      reverse=True)
-        for bucket, frames in todo:
-            if bucket < 1 or frames < 1:
-                raise ValueError(f"code2wav graph shape must be positive, got ({bucket}, {frames})")
-            entry = _Entry(torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device))
-            if self.use_graphs and not self._capture(entry):
+        todo = sorted({(int(b), int(k)) for b, k in shapes} - set(self._entries),
+                      key=lambda s: (self._size(*s), s), reverse=True)
+        for bucket, key in todo:
+            if bucket < 1 or key < 1:
+                raise ValueError(f"code2wav graph shape must be positive, got ({bucket}, {key})")
+            entry = self._new_entry(bucket, key)
+            if self.use_graphs and not self._capture(entry, (bucket, key)):
                 return
-            self._entries[(bucket, frames)] = entry
-            bisect.insort(self._buckets_of.setdefault(frames, []), bucket)
+            self._entries[(bucket, key)] = entry
+            bisect.insort(self._buckets_of.setdefault(key, []), bucket)
 
-    def _capture(self, entry: _Entry) -> bool:
+    def _capture(self, entry: _Entry, shape: tuple[int, int]) -> bool:
         try:
-            if self.mempool is None:
-                self.mempool = torch.cuda.graph_pool_handle()
-            entry.graph, entry.output = warm_and_capture(lambda: self.model.wav_from_hidden(entry.input),
-                                                         self.mempool, self.device)
+            entry.graph, entry.output = warm_and_capture(lambda: self._body(entry), self.mempool, self.device)
             return True
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured (or out of memory)
-            log.warning("code2wav CUDA graph [%d, %d] not captured (%r); code2wav runs eagerly",
-                        *entry.input.shape[:2], exc)
+            log.warning("%s CUDA graph %s not captured (%r); it runs eagerly", type(self).__name__, shape, exc)
             self.use_graphs = False
             self._entries.clear()
             self._buckets_of.clear()
@@ -165,36 +175,69 @@ class Code2WavGraphs:
             return False
 
     # -- the call ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows, frames = hidden.shape[0], hidden.shape[1]
-        buckets = self._buckets_of.get(frames)
+    def _through_graphs(self, key: int, rows: int, load: Callable[[_Entry, int, int], None]) -> torch.Tensor | None:
+        """Run `rows` rows through the captured shapes of `key`, None if there are none.
+
+        load(entry, start, n) writes rows start..start+n-1 of the call into the first n rows of the
+        entry's inputs (the rows after them are zeroed here). The result is a copy: the next replay
+        overwrites the static output."""
+        buckets = self._buckets_of.get(key)
         if not buckets or rows == 0:
-            self.counts["eager"] += 1
-            return self.model.wav_from_hidden(hidden)
+            return None
         out = None
         start = 0
         while start < rows:
             n = min(rows - start, buckets[-1])
-            bucket = buckets[bisect.bisect_left(buckets, n)]
-            wav = self._run(self._entries[(bucket, frames)], hidden[start : start + n])
+            entry = self._entries[(buckets[bisect.bisect_left(buckets, n)], key)]
+            load(entry, start, n)
+            if entry.filled > n:
+                for buf in entry.inputs:
+                    buf[n : entry.filled].zero_()
+            entry.filled = n
+            self.counts["replays"] += 1
+            if entry.graph is None:
+                result = self._body(entry)
+            else:
+                entry.graph.replay()
+                result = entry.output
             if n == rows:
-                return wav[:n].clone()
+                return result[:n].clone()
             if out is None:
-                out = wav.new_empty((rows, *wav.shape[1:]))
-            out[start : start + n].copy_(wav[:n])  # before the next replay overwrites it
+                out = result.new_empty((rows, *result.shape[1:]))
+            out[start : start + n].copy_(result[:n])  # before the next replay overwrites it
             start += n
         return out
 
-    def _run(self, entry: _Entry, hidden: torch.Tensor) -> torch.Tensor:
-        """The entry's output for these rows (fewer than its bucket: the rest are zero padding)."""
-        n = hidden.shape[0]
-        entry.input[:n].copy_(hidden)
-        if entry.filled > n:
-            entry.input[n : entry.filled].zero_()
-        entry.filled = n
-        self.counts["replays"] += 1
-        if entry.graph is None:
-            return self.model.wav_from_hidden(entry.input)
-        entry.graph.replay()
-        return entry.output
+
+class Code2WavGraphs(_BucketedGraphs):
+    """`wav_from_hidden(hidden [B, T, H]) -> wav [B, 1, T*U - lookahead]` through captured shapes.
+
+    A `Code2WavStream`'s `conv_runner`. buckets: graphed batch sizes, capped at max_batch (which
+    is always one); `capture(shapes)` graphs (bucket, T) shapes; a call whose T was captured runs
+    through them (B above the largest captured bucket for T in several replays), any other eagerly.
+    counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
+    found no captured shape). mempool: the CUDA graph pool to capture into (default: a new one)."""
+
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
+                 mempool=None):
+        super().__init__(model, buckets, max_batch, mempool)
+
+    def _new_entry(self, bucket: int, frames: int) -> _Entry:
+        return _Entry((torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device),))
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        return self.model.wav_from_hidden(entry.inputs[0])
+
+    def _size(self, bucket: int, frames: int) -> int:
+        return bucket * frames
+
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        def load(entry: _Entry, start: int, n: int) -> None:
+            entry.inputs[0][:n].copy_(hidden[start : start + n])
+
+        wav = self._through_graphs(hidden.shape[1], hidden.shape[0], load)
+        if wav is None:
+            self.counts["eager"] += 1
+            return self.model.wav_from_hidden(hidden)
+        return wav

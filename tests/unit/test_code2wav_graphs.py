@@ -104,7 +104,7 @@ def test_padding_rows_are_zero_and_do_not_reach_the_real_rows(model):
     with torch.inference_mode():
         runner(full * 1e3)  # fills all four rows of the bucket with large values
         one = runner(full[:1])
-        assert torch.count_nonzero(entry.input[1:]) == 0  # the earlier batch's rows were cleared
+        assert torch.count_nonzero(entry.inputs[0][1:]) == 0  # the earlier batch's rows were cleared
         # the stack over the same row with other (large) rows beside it: the same bits
         beside = model.wav_from_hidden(torch.cat([full[:1], full[1:] * 1e3]))[:1]
     assert torch.equal(one, beside)
