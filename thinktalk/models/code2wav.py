@@ -291,24 +291,44 @@ class TransformerModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     @staticmethod
-    def _mask(t: int, window: int | None, device) -> torch.Tensor:
+    def _mask(t: int, window: int | None, device, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         i = torch.arange(t, device=device)
         rel = i[:, None] - i[None, :]  # query - key
         allowed = rel >= 0
         if window is not None:
             allowed &= rel < window
+        if key_mask is not None:
+            # Masked keys are invisible; a masked query then sees no key at all, and an all-masked
+            # softmax row is NaN (which 0-weighted would still poison the real rows' value
+            # products in the next layer), so every query also sees itself.
+            allowed = (allowed & key_mask[None, :]) | (rel == 0)
         return allowed
 
-    def forward(self, inputs_embeds: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        """[B, T, hidden] -> [B, T, hidden]; rotary positions are position_offset + 0..T-1."""
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_offset: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, hidden]; rotary positions are position_offset + 0..T-1.
+
+        positions ([T] integer tensor) replaces position_offset, and key_mask ([T] bool, shared
+        by the rows) hides the frames where it is False as keys, so a fixed-length window can hold
+        fewer real frames (code2wav_graphs: a CUDA graph takes both as device tensors). A frame
+        whose outputs are wanted must not attend to a hidden one: masking only the keys before
+        the real frames (left padding) leaves the real frames' outputs those of the real frames
+        alone (the hidden keys get probability exactly 0)."""
         t = inputs_embeds.shape[1]
-        positions = torch.arange(position_offset, position_offset + t, device=inputs_embeds.device)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + t, device=inputs_embeds.device)
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         masks: dict[int | None, torch.Tensor] = {}
         h = inputs_embeds
         for layer, window in zip(self.layers, self.windows):
             if window not in masks:
-                masks[window] = self._mask(t, window, h.device)
+                masks[window] = self._mask(t, window, h.device, key_mask)
             h = layer(h, cos, sin, masks[window])
         return self.norm(h)
 
@@ -419,15 +439,23 @@ class Code2Wav(nn.Module):
         return None if tf is None else tf + self.conv_context_frames
 
     # -- decode -----------------------------------------------------------------------------
-    def hidden_from_codes(self, codes: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    def hidden_from_codes(
+        self,
+        codes: torch.Tensor,
+        position_offset: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """codes [B, num_quantizers, T] -> transformer output [B, T, hidden].
 
         RoPE is relative, so `position_offset` changes the result only by float rounding; the
-        exact stream passes the window's absolute frame index to round like the one-shot decode."""
+        exact stream passes the window's absolute frame index to round like the one-shot decode.
+        positions / key_mask: see `TransformerModel.forward` (the graphed stream's padded window)."""
         if codes.dim() != 3 or codes.shape[1] != self.num_quantizers or codes.shape[2] == 0:
             raise ValueError(f"code2wav expects codes [B, {self.num_quantizers}, T >= 1], got {tuple(codes.shape)}")
         h = self.code_embedding(codes + self.code_offset).mean(1)
-        return self.pre_transformer(h, position_offset)
+        return self.pre_transformer(h, position_offset, positions=positions, key_mask=key_mask)
 
     def wav_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """transformer output [B, T, hidden] -> wav [B, 1, T*total_upsample - lookahead_samples] in [-1, 1]."""
