@@ -1,4 +1,4 @@
-"""code2wav's conv stack (`Code2Wav.wav_from_hidden`) as CUDA graphs, one per (batch bucket, frames).
+"""code2wav's conv stack and transformer as CUDA graphs, one per (batch bucket, frames / chunk frames).
 
 Why: a streaming code2wav decode (`Code2WavStream._decode`) runs the sliding-window transformer
 over the chunk and its history, then the conv stack over [<= conv_context_frames cached
@@ -8,7 +8,8 @@ are launched one by one from Python and the decode is host bound: ~46 ms on an H
 chunk's length, 0.28 s of a 1.18 s spoken answer at one request. The conv stack is about half of
 those calls (507 of 936 top-level ops for a 50-frame chunk with the real config, counted on the
 CPU; the transformer is the rest) and has few shapes, so it is graphed: replaying a captured graph
-launches its kernels all at once.
+launches its kernels all at once. The transformer is graphed too (`Code2WavTransformerGraphs`,
+below): its window is made fixed-length by masked left padding.
 
 A graph replays fixed shapes over fixed memory, so each (bucket, T) has a static input
 [bucket, T, hidden] and a static output [bucket, 1, T*U - lookahead]. A call with B rows of T
@@ -33,7 +34,15 @@ nothing reads a tensor's value on the host or has a data-dependent shape.
 
 Off CUDA the same static-buffer path runs eagerly (the stack over the padded input buffer), which
 is what the CPU tests compare with `wav_from_hidden`. A capture failure on CUDA logs a warning and
-drops every graph: all shapes then run eagerly.
+drops every graph of that runner: all its shapes then run eagerly.
+
+The transformer (`Code2Wav.hidden_from_codes`, 8 sliding-window layers) runs over history + chunk
+codes at rotary positions that move with the stream, and the history grows from 0 to
+transformer_context_frames (C = 568): as written, a new shape and new positions every chunk until
+the history is full. `Code2WavTransformerGraphs` always runs C + n frames for a chunk of n,
+left-padding the missing history with dummy frames that the attention mask hides as keys, and
+takes the first rotary position and the pad count as device scalars: one graph per (bucket, n)
+serves every history length and stream position. Both runners share one memory pool.
 """
 
 from __future__ import annotations
@@ -241,3 +250,75 @@ class Code2WavGraphs(_BucketedGraphs):
             self.counts["eager"] += 1
             return self.model.wav_from_hidden(hidden)
         return wav
+
+
+class Code2WavTransformerGraphs(_BucketedGraphs):
+    """An exact stream decode's transformer, `hidden_from_codes(window, position_offset)[:, kept:]`
+    for window = codes [B, Q, kept + n], through one captured shape per (bucket, n).
+
+    A `Code2WavStream`'s `transformer_runner`. The stream's window holds kept history frames
+    (0 at the start, growing chunk by chunk to C = transformer_context_frames) and the n new ones,
+    at rotary positions position_offset + 0.., so its length and positions change from decode to
+    decode. Here the window is always C + n frames: P = C - kept dummy frames (code 0) before the
+    real ones, hidden as keys (`TransformerModel.forward`'s key_mask; each dummy query attends to
+    itself only, so nothing is NaN), at positions position_offset - P + 0... P and the first
+    position are device scalars the graph reads (`pad`, `offset`), set by `fill_` before a replay:
+    no host sync, and one graph serves every kept. The real frames' outputs are the same math as
+    the stream's own (a hidden key's probability is exactly 0), so they differ by float rounding
+    only (~5e-7 in float32 on the CPU for values of ~3) and are bit-equal once kept = C (nothing
+    padded: the key mask is all true). The last n outputs are the graph's output.
+
+    Streams decoded together share kept and positions (`Code2WavStream.decode_due_together`), so
+    their stacked rows take one replay per bucket piece, as in the conv runner. Calls that cannot
+    use a captured shape run `hidden_from_codes` eagerly (counted): n never captured, kept > C
+    (a stream told to keep more history), or a model with a full-attention layer (C is None: a
+    window that grows without end, nothing is captured)."""
+
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
+                 mempool=None):
+        super().__init__(model, buckets, max_batch, mempool)
+        self.context = model.transformer_context_frames
+        self.offset = torch.zeros((), dtype=torch.long, device=self.device)  # rotary position of the window's frame 0
+        self.pad = torch.zeros((), dtype=torch.long, device=self.device)  # dummy frames at the window's start
+
+    def _new_entry(self, bucket: int, n: int) -> _Entry:
+        m = self.model
+        return _Entry((torch.zeros(bucket, m.num_quantizers, self.context + n, dtype=torch.long, device=self.device),))
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        codes = entry.inputs[0]
+        frames = codes.shape[-1]
+        i = torch.arange(frames, device=self.device)
+        h = self.model.hidden_from_codes(codes, positions=self.offset + i, key_mask=i >= self.pad)
+        # a copy, so that the static output is the chunk's n frames and the whole window's
+        # outputs are an intermediate the pool reuses (~1.2 MiB per row of each graph otherwise)
+        return h[:, self.context :].clone()
+
+    def _size(self, bucket: int, n: int) -> int:
+        return bucket * (self.context + n)
+
+    @torch.inference_mode()
+    def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
+        if self.context is not None:
+            super().capture(shapes)
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor, kept: int, position_offset: int) -> torch.Tensor:
+        rows, n = window.shape[0], window.shape[-1] - kept
+        pad = -1 if self.context is None else self.context - kept
+        out = None
+        if pad >= 0 and n in self._buckets_of:
+            self.offset.fill_(position_offset - pad)
+            self.pad.fill_(pad)
+
+            def load(entry: _Entry, start: int, count: int) -> None:
+                codes = entry.inputs[0]
+                codes[:count, :, pad:].copy_(window[start : start + count])
+                if pad:
+                    codes[:count, :, :pad].zero_()
+
+            out = self._through_graphs(n, rows, load)
+        if out is None:
+            self.counts["eager"] += 1
+            return self.model.hidden_from_codes(window, position_offset=position_offset)[:, kept:]
+        return out

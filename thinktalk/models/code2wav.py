@@ -298,9 +298,10 @@ class TransformerModel(nn.Module):
         if window is not None:
             allowed &= rel < window
         if key_mask is not None:
-            # Masked keys are invisible; a masked query then sees no key at all, and an all-masked
-            # softmax row is NaN (which 0-weighted would still poison the real rows' value
-            # products in the next layer), so every query also sees itself.
+            # Masked keys are invisible; a masked query then sees no key at all. A plain softmax
+            # of an all-masked row is NaN (which, even 0-weighted, would poison the real rows'
+            # value products in the next layer); torch's CPU SDPA returns zeros there, but not
+            # every backend need. So every query also sees itself: no row is all-masked.
             allowed = (allowed & key_mask[None, :]) | (rel == 0)
         return allowed
 
@@ -515,8 +516,11 @@ class Code2WavStream:
     [left_context_size + chunk] frames, drop left_context_size * U samples, emit everything.
 
     conv_runner: what runs the conv stack of an exact decode, a callable with the signature of
-    `model.wav_from_hidden` (the default); the GPU speech stage passes one that replays CUDA graphs
-    (thinktalk/code2wav_graphs.py). Streams decoded together use the first one's.
+    `model.wav_from_hidden` (the default); transformer_runner: what runs its transformer,
+    (window codes [B, Q, kept + n], kept, position_offset) -> the outputs of the last n frames
+    [B, n, hidden] (default: `model.hidden_from_codes(window, position_offset)[:, kept:]`). The GPU
+    speech stage passes runners that replay CUDA graphs (thinktalk/code2wav_graphs.py). Streams
+    decoded together use the first one's.
     """
 
     def __init__(
@@ -529,6 +533,7 @@ class Code2WavStream:
         transformer_context_frames: int | None = -1,
         conv_context_frames: int | None = None,
         conv_runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transformer_runner: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     ):
         if not schedule or any(int(n) < 1 for n in schedule):
             raise ValueError(f"schedule must be a non-empty list of positive frame counts, got {schedule!r}")
@@ -541,7 +546,11 @@ class Code2WavStream:
         self.conv_ctx = model.conv_context_frames if conv_context_frames is None else conv_context_frames
         self.holdback = model.lookahead_samples
         self.conv_runner = model.wav_from_hidden if conv_runner is None else conv_runner
+        self.transformer_runner = self._transformer if transformer_runner is None else transformer_runner
         self.reset()
+
+    def _transformer(self, window: torch.Tensor, kept: int, position_offset: int) -> torch.Tensor:
+        return self.model.hidden_from_codes(window, position_offset=position_offset)[:, kept:]
 
     def reset(self) -> None:
         self._codes: torch.Tensor | None = None  # [B, Q, n]: kept history + pending frames
@@ -656,7 +665,7 @@ class Code2WavStream:
         start = self._decoded
         window = self._codes[..., : self._kept + n]
         if self.exact:
-            h = m.hidden_from_codes(window, position_offset=start - self._kept)[:, self._kept :]
+            h = self.transformer_runner(window, self._kept, start - self._kept)
             hist = self._hidden if self._hidden is not None else h[:, :0]
             hc = torch.cat([hist, h], dim=1)
             wav = self.conv_runner(hc)
