@@ -87,11 +87,11 @@ default schedule (`code2wav_graphs.stream_conv_frames`), and `warmup()` captures
 sizes it is given (one memory pool, as large as the largest graph: ~0.1 GiB per row at 60 frames).
 The transformer before the stack (the other 429 top-level ops) sees a window that grows with the
 history (kept frames, up to transformer_context_frames = 568, + chunk) at rotary positions that
-move with the stream, so it runs over a fixed window instead: 568 + chunk frames, the missing
-history left-padded with dummy frames that the attention mask hides (`code2wav_graphs.
-Code2WavTransformerGraphs`; the first position and the pad count are device scalars the graph
-reads). One graph per (batch bucket, chunk size) then serves every history length: 4, 8, 16, 32
-and 50 frames for the default schedule (a padded last chunk is one of them), captured by
+move with the stream, so it runs over a fixed window instead (`code2wav_graphs.
+Code2WavTransformerGraphs`): 568 + chunk frames, the missing history left-padded with dummy
+frames that the attention mask hides, the first position and the pad count device scalars the
+graph reads. One graph per (batch bucket, chunk size) then serves every history length: 4, 8,
+16, 32 and 50 frames for the default schedule (a padded last chunk is one of them), captured by
 `warmup()` after the conv stack into the same memory pool. Its real frames' outputs equal the
 unpadded window's to float rounding (bit-equal once the history is full). A decode is then two
 replays and a few copies; requests decoded together share both. A shape warmup did not capture
