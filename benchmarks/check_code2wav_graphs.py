@@ -1,18 +1,30 @@
-"""GPU check: code2wav's conv stack eager vs replayed as a CUDA graph (thinktalk/code2wav_graphs.py).
+"""GPU check: code2wav eager vs replayed as CUDA graphs (thinktalk/code2wav_graphs.py).
 
     python benchmarks/check_code2wav_graphs.py [--out benchmarks/results/code2wav_graphs_h100.json]
 
-Full-size code2wav (the real config) with random weights, bf16 on CUDA, nothing else loaded. For
-B = 1 and 8 rows of a 60-frame window (a 50-frame chunk + 10 frames of history, the schedule's
-largest conv shape): milliseconds per `wav_from_hidden` call eagerly and through the graph runner
-(input copy, replay, output copy), the max abs difference between the two outputs (the output
-conv is scaled so the waveform is rarely clamped), the capture time and the graph pool's memory.
-Then one steady-state streaming decode of a 50-frame chunk (the transformer over 568 + 50 codes,
-always eager, then the stack) with the stack eager and graphed: the per-decode figure the speech
-stage pays. Prints one JSON object.
+Full-size code2wav (the real config) with random weights, bf16 on CUDA, nothing else loaded.
 
-`--device cpu --tiny --iters 1` runs the same script on the tiny config without a GPU (the runner
-then runs its static buffers eagerly: a smoke test of the script, not a measurement).
+"rows": the conv stack alone. For B = 1 and 8 rows of a 60-frame window (a 50-frame chunk + 10
+frames of history, the schedule's largest conv shape): milliseconds per `wav_from_hidden` call
+eagerly and through the graph runner (input copy, replay, output copy), the max abs difference
+between the two outputs (the output conv is scaled so the waveform is rarely clamped), the
+capture time and the graph pool's memory.
+
+"transformer": the transformer alone, for a 50-frame chunk: `hidden_from_codes` over the
+568 + 50 codes of a steady-state decode, eagerly, vs `Code2WavTransformerGraphs` with a full
+history (kept 568) and with none (kept 0: 568 masked dummy frames; the same replay), their max
+abs differences from eager, capture time and pool memory.
+
+"stream": whole `Code2WavStream`s over the same codes, B = 1 and 8 rows (batched streams, as a
+group decoded together), schedule 4, 8, 16, 32, 50: eager, conv stack graphed, and fully graphed
+(transformer + conv stack), run until the transformer's history is full (568 frames), then
+`--iters` steady-state 50-frame decodes (`push` of 50 frames: append, transformer, conv stack)
+timed: "<variant>_ms" per decode, and the max abs difference of each variant's PCM from the
+eager stream's over the whole stream ("<variant>_pcm_max_abs_diff") and over the timed decodes
+only ("..._steady"). This is the per-decode figure the speech stage pays.
+
+`--device cpu --tiny --iters 1` runs the same script on the tiny config without a GPU (the runners
+then run their static buffers eagerly: a smoke test of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -27,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thinktalk.code2wav_graphs import Code2WavGraphs  # noqa: E402
+from thinktalk.code2wav_graphs import Code2WavGraphs, Code2WavTransformerGraphs, stream_conv_frames  # noqa: E402
 from thinktalk.config import config_from_dict, reference_config  # noqa: E402
-from thinktalk.models.code2wav import Code2Wav  # noqa: E402
+from thinktalk.models.code2wav import Code2Wav, Code2WavStream  # noqa: E402
 from thinktalk.weights.loader import default_dtype  # noqa: E402
 from thinktalk.weights.tiny import randomize_  # noqa: E402
 from thinktalk.weights.tiny_config import tiny_config_dict  # noqa: E402
@@ -107,24 +119,81 @@ def main() -> None:
             "reserved_by_capture_gib": round((reserved(dev) - before) / GIB, 3),
         }
     assert runner.counts["eager"] == 0, runner.counts
-    res["graphed"] = runner.use_graphs  # False: a capture failed (see the warning), all eager
 
-    # one steady-state streaming decode: transformer over history + chunk (eager), then the stack
-    ctx, chunk, conv_ctx = model.transformer_context_frames, 50, model.conv_context_frames
-    codes = torch.randint(0, model.config.codebook_size, (1, model.num_quantizers, ctx + chunk), device=dev)
-    hist = torch.randn(1, conv_ctx, hidden_size, device=dev, dtype=dtype)
-    runner.capture([(1, conv_ctx + chunk)])
+    # the transformer alone: a steady-state 50-frame chunk (full history), and the first (none)
+    ctx, chunk = model.transformer_context_frames, 50
+    tf = Code2WavTransformerGraphs(model, max_batch=max(args.rows), mempool=runner.mempool)
+    res["transformer"] = {}
+    for rows in sorted(args.rows, reverse=True):
+        codes = torch.randint(0, model.config.codebook_size, (rows, model.num_quantizers, ctx + chunk), device=dev)
+        offset = 1000
+        eager_ms = ms_per_call(lambda: model.hidden_from_codes(codes, offset)[:, ctx:], args.iters, dev)
+        sync(dev)
+        before = reserved(dev)
+        t = time.perf_counter()
+        tf.capture([(tf.bucket(rows), chunk)])
+        sync(dev)
+        capture_s = time.perf_counter() - t
+        graph_ms = ms_per_call(lambda: tf(codes, ctx, offset), args.iters, dev)
+        eager = model.hidden_from_codes(codes, offset)[:, ctx:].float()
+        first = codes[..., ctx:]  # the same chunk with no history: kept 0, all of it padding
+        res["transformer"][rows] = {
+            "eager_ms": round(eager_ms, 3), "graph_ms": round(graph_ms, 3),
+            "max_abs_diff_full_history": (tf(codes, ctx, offset).float() - eager).abs().max().item(),
+            "max_abs_diff_no_history": (tf(first, 0, offset + ctx).float()
+                                        - model.hidden_from_codes(first, offset + ctx).float()).abs().max().item(),
+            "max_abs_eager": eager.abs().max().item(),
+            "capture_s": round(capture_s, 3),
+            "reserved_by_capture_gib": round((reserved(dev) - before) / GIB, 3),
+        }
 
-    def decode(stack):
-        h = model.hidden_from_codes(codes, position_offset=1000)[:, ctx:]
-        return stack(torch.cat([hist, h], dim=1))
-
-    res["stream_decode_50_frames_b1"] = {
-        "transformer_only_ms": round(ms_per_call(lambda: model.hidden_from_codes(codes, 1000), args.iters, dev), 3),
-        "eager_stack_ms": round(ms_per_call(lambda: decode(model.wav_from_hidden), args.iters, dev), 3),
-        "graphed_stack_ms": round(ms_per_call(lambda: decode(runner), args.iters, dev), 3),
-    }
-    res["graphs"] = runner.captured
+    # whole streams: eager, conv graphed, all graphed; steady-state 50-frame decodes timed
+    schedule = (4, 8, 16, 32, 50)
+    conv_frames = stream_conv_frames(schedule, model.conv_context_frames)
+    runner.capture([(runner.bucket(r), t) for r in args.rows for t in conv_frames])
+    tf.capture([(tf.bucket(r), n) for r in args.rows for n in schedule])
+    warm_chunks = list(schedule[:-1])
+    while sum(warm_chunks) < ctx + chunk:  # until the history is full (and one decode more)
+        warm_chunks.append(chunk)
+    warm_chunks += [chunk] * 2  # two untimed steady-state decodes
+    res["stream"] = {"warmup_frames": sum(warm_chunks)}
+    for rows in sorted(args.rows, reverse=True):
+        total = sum(warm_chunks) + chunk * args.iters
+        codes = torch.randint(0, model.config.codebook_size, (rows, model.num_quantizers, total), device=dev)
+        variants = {
+            "eager": dict(),
+            "conv_graphed": dict(conv_runner=runner),
+            "graphed": dict(conv_runner=runner, transformer_runner=tf),
+        }
+        pcm: dict[str, list[torch.Tensor]] = {}
+        out: dict = {}
+        for name, kw in variants.items():
+            stream = Code2WavStream(model, schedule, **kw)
+            pieces, at = [], 0
+            for n in warm_chunks:
+                pieces.append(stream.push(codes[..., at : at + n]))
+                at += n
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                pieces.append(stream.push(codes[..., at : at + chunk]))
+                at += chunk
+            sync(dev)
+            out[f"{name}_ms"] = round((time.perf_counter() - t) / args.iters * 1e3, 3)
+            assert all(p is not None for p in pieces)
+            pcm[name] = pieces
+        steady = len(warm_chunks)
+        whole = {k: torch.cat(v, dim=-1).float() for k, v in pcm.items()}
+        for name in ("conv_graphed", "graphed"):
+            out[f"{name}_pcm_max_abs_diff"] = (whole[name] - whole["eager"]).abs().max().item()
+            out[f"{name}_pcm_max_abs_diff_steady"] = max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(pcm[name][steady:], pcm["eager"][steady:]))
+        out["clamped_fraction"] = (whole["eager"].abs() >= 1).float().mean().item()
+        res["stream"][rows] = out
+    assert runner.counts["eager"] == 0 and tf.counts["eager"] == 0, (runner.counts, tf.counts)
+    res["graphed"] = runner.use_graphs and tf.use_graphs  # False: a capture failed (see the warning)
+    # captured shapes, "bucket x frames" (conv stack) and "bucket x chunk frames" (transformer)
+    res["graphs"] = {name: [f"{b}x{t}" for b, t in r.captured] for name, r in (("conv", runner), ("transformer", tf))}
     if dev.type == "cuda":  # weights + the eager runs' peak + the graph pool
         res["max_allocated_gib"] = round(torch.cuda.max_memory_allocated(dev) / GIB, 3)
     text = json.dumps(res, indent=2)

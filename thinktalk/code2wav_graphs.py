@@ -1,4 +1,4 @@
-"""code2wav's conv stack (`Code2Wav.wav_from_hidden`) as CUDA graphs, one per (batch bucket, frames).
+"""code2wav's conv stack and transformer as CUDA graphs, one per (batch bucket, frames / chunk frames).
 
 Why: a streaming code2wav decode (`Code2WavStream._decode`) runs the sliding-window transformer
 over the chunk and its history, then the conv stack over [<= conv_context_frames cached
@@ -8,7 +8,8 @@ are launched one by one from Python and the decode is host bound: ~46 ms on an H
 chunk's length, 0.28 s of a 1.18 s spoken answer at one request. The conv stack is about half of
 those calls (507 of 936 top-level ops for a 50-frame chunk with the real config, counted on the
 CPU; the transformer is the rest) and has few shapes, so it is graphed: replaying a captured graph
-launches its kernels all at once.
+launches its kernels all at once. The transformer is graphed too (`Code2WavTransformerGraphs`,
+below): its window is made fixed-length by masked left padding.
 
 A graph replays fixed shapes over fixed memory, so each (bucket, T) has a static input
 [bucket, T, hidden] and a static output [bucket, 1, T*U - lookahead]. A call with B rows of T
@@ -33,14 +34,22 @@ nothing reads a tensor's value on the host or has a data-dependent shape.
 
 Off CUDA the same static-buffer path runs eagerly (the stack over the padded input buffer), which
 is what the CPU tests compare with `wav_from_hidden`. A capture failure on CUDA logs a warning and
-drops every graph: all shapes then run eagerly.
+drops every graph of that runner: all its shapes then run eagerly.
+
+The transformer (`Code2Wav.hidden_from_codes`, 8 sliding-window layers) runs over history + chunk
+codes at rotary positions that move with the stream, and the history grows from 0 to
+transformer_context_frames (C = 568): as written, a new shape and new positions every chunk until
+the history is full. `Code2WavTransformerGraphs` always runs C + n frames for a chunk of n,
+left-padding the missing history with dummy frames that the attention mask hides as keys, and
+takes the first rotary position and the pad count as device scalars: one graph per (bucket, n)
+serves every history length and stream position. Both runners share one memory pool.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,24 +92,26 @@ def stream_conv_frames(schedule: Sequence[int], conv_context_frames: int, pad_fi
 
 @dataclass
 class _Entry:
-    """One (bucket, frames) shape: static input, and on CUDA its graph and static output."""
+    """One (bucket, key) shape: static inputs (batch first), and on CUDA its graph and static output."""
 
-    input: torch.Tensor  # [bucket, T, hidden]
+    inputs: tuple[torch.Tensor, ...]  # each [bucket, ...]
     graph: torch.cuda.CUDAGraph | None = None
-    output: torch.Tensor | None = None  # [bucket, 1, samples]
-    filled: int = 0  # rows of `input` holding real data since the last call (the rest are zero)
+    output: torch.Tensor | None = None  # [bucket, ...]
+    filled: int = 0  # rows of the inputs holding real data since the last call (the rest are zero)
 
 
-class Code2WavGraphs:
-    """`wav_from_hidden(hidden [B, T, H]) -> wav [B, 1, T*U - lookahead]` through captured shapes.
+class _BucketedGraphs:
+    """What both code2wav runners share: static buffers per (batch bucket, key) (key: the conv
+    stack's frames, the transformer's chunk frames), captured largest first into one memory pool
+    (which several runners may share), calls of B rows padded to the next bucket with zero rows or
+    split into replays of the largest bucket, and a capture failure dropping every graph of the
+    runner (all its shapes then run eagerly). Off CUDA the same buffers run `_body` eagerly.
 
-    A `Code2WavStream`'s `conv_runner`. buckets: graphed batch sizes, capped at max_batch (which
-    is always one); `capture(shapes)` graphs (bucket, T) shapes; a call whose T was captured runs
-    through them (B above the largest captured bucket for T in several replays), any other eagerly.
-    counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
-    found no captured shape)."""
+    A subclass says how to allocate an entry's inputs (`_new_entry`), what runs over them
+    (`_body`) and how large a shape is (`_size`: the capture order), and loads each piece's rows
+    through `_through_graphs`."""
 
-    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, model: Code2Wav, buckets: Sequence[int], max_batch: int, mempool=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -110,10 +121,22 @@ class Code2WavGraphs:
         self.device, self.dtype = weight.device, weight.dtype
         self.hidden_size = weight.shape[1]
         self.use_graphs = self.device.type == "cuda"
-        self.mempool = None
+        # one pool for every graph of this runner (and of the runners handed it): graphs replay one
+        # at a time and each keeps its static output alive, so their intermediates can share blocks
+        self.mempool = mempool if mempool is not None or not self.use_graphs else torch.cuda.graph_pool_handle()
         self._entries: dict[tuple[int, int], _Entry] = {}
-        self._buckets_of: dict[int, list[int]] = {}  # T -> captured buckets, ascending
+        self._buckets_of: dict[int, list[int]] = {}  # key -> captured buckets, ascending
         self.counts = {"replays": 0, "eager": 0}
+
+    # -- what a subclass provides -------------------------------------------------------------------
+    def _new_entry(self, bucket: int, key: int) -> _Entry:
+        raise NotImplementedError
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _size(self, bucket: int, key: int) -> int:
+        raise NotImplementedError
 
     # -- shapes -----------------------------------------------------------------------------------
     def bucket(self, rows: int) -> int:
@@ -121,10 +144,10 @@ class Code2WavGraphs:
         i = bisect.bisect_left(self.buckets, rows)
         return self.buckets[min(i, len(self.buckets) - 1)]
 
-    def shapes(self, frames: Iterable[int], max_rows: int = 1) -> list[tuple[int, int]]:
-        """(bucket, T) for each T and each bucket up to the one `max_rows` rows use."""
+    def shapes(self, keys: Iterable[int], max_rows: int = 1) -> list[tuple[int, int]]:
+        """(bucket, key) for each key and each bucket up to the one `max_rows` rows use."""
         top = self.bucket(max(1, max_rows))
-        return [(b, int(t)) for t in sorted(set(frames)) for b in self.buckets if b <= top]
+        return [(b, int(k)) for k in sorted(set(keys)) for b in self.buckets if b <= top]
 
     @property
     def captured(self) -> list[tuple[int, int]]:
@@ -133,31 +156,27 @@ class Code2WavGraphs:
     # -- capture ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
-        """Graph these (bucket, T) shapes (off CUDA: make their static buffers), largest first so
+        """Graph these (bucket, key) shapes (off CUDA: make their static buffers), largest first so
         the smaller graphs reuse the pool's blocks. Call at start-up: each costs a few runs."""
         if self.device.type == "cuda" and not self.use_graphs:
             return  # a capture failed: everything runs eagerly, unpadded
-        todo = sorted({(int(b), int(t)) for b, t in shapes} - set(self._entries), key=lambda s: (s[0] * s[1], s),
-                      reverse=True)
-        for bucket, frames in todo:
-            if bucket < 1 or frames < 1:
-                raise ValueError(f"code2wav graph shape must be positive, got ({bucket}, {frames})")
-            entry = _Entry(torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device))
-            if self.use_graphs and not self._capture(entry):
+        todo = sorted({(int(b), int(k)) for b, k in shapes} - set(self._entries),
+                      key=lambda s: (self._size(*s), s), reverse=True)
+        for bucket, key in todo:
+            if bucket < 1 or key < 1:
+                raise ValueError(f"code2wav graph shape must be positive, got ({bucket}, {key})")
+            entry = self._new_entry(bucket, key)
+            if self.use_graphs and not self._capture(entry, (bucket, key)):
                 return
-            self._entries[(bucket, frames)] = entry
-            bisect.insort(self._buckets_of.setdefault(frames, []), bucket)
+            self._entries[(bucket, key)] = entry
+            bisect.insort(self._buckets_of.setdefault(key, []), bucket)
 
-    def _capture(self, entry: _Entry) -> bool:
+    def _capture(self, entry: _Entry, shape: tuple[int, int]) -> bool:
         try:
-            if self.mempool is None:
-                self.mempool = torch.cuda.graph_pool_handle()
-            entry.graph, entry.output = warm_and_capture(lambda: self.model.wav_from_hidden(entry.input),
-                                                         self.mempool, self.device)
+            entry.graph, entry.output = warm_and_capture(lambda: self._body(entry), self.mempool, self.device)
             return True
         except Exception as exc:  # noqa: BLE001 - an op that cannot be captured (or out of memory)
-            log.warning("code2wav CUDA graph [%d, %d] not captured (%r); code2wav runs eagerly",
-                        *entry.input.shape[:2], exc)
+            log.warning("%s CUDA graph %s not captured (%r); it runs eagerly", type(self).__name__, shape, exc)
             self.use_graphs = False
             self._entries.clear()
             self._buckets_of.clear()
@@ -165,36 +184,141 @@ class Code2WavGraphs:
             return False
 
     # -- the call ---------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows, frames = hidden.shape[0], hidden.shape[1]
-        buckets = self._buckets_of.get(frames)
+    def _through_graphs(self, key: int, rows: int, load: Callable[[_Entry, int, int], None]) -> torch.Tensor | None:
+        """Run `rows` rows through the captured shapes of `key`, None if there are none.
+
+        load(entry, start, n) writes rows start..start+n-1 of the call into the first n rows of the
+        entry's inputs (the rows after them are zeroed here). The result is a copy: the next replay
+        overwrites the static output."""
+        buckets = self._buckets_of.get(key)
         if not buckets or rows == 0:
-            self.counts["eager"] += 1
-            return self.model.wav_from_hidden(hidden)
+            return None
         out = None
         start = 0
         while start < rows:
             n = min(rows - start, buckets[-1])
-            bucket = buckets[bisect.bisect_left(buckets, n)]
-            wav = self._run(self._entries[(bucket, frames)], hidden[start : start + n])
+            entry = self._entries[(buckets[bisect.bisect_left(buckets, n)], key)]
+            load(entry, start, n)
+            if entry.filled > n:
+                for buf in entry.inputs:
+                    buf[n : entry.filled].zero_()
+            entry.filled = n
+            self.counts["replays"] += 1
+            if entry.graph is None:
+                result = self._body(entry)
+            else:
+                entry.graph.replay()
+                result = entry.output
             if n == rows:
-                return wav[:n].clone()
+                return result[:n].clone()
             if out is None:
-                out = wav.new_empty((rows, *wav.shape[1:]))
-            out[start : start + n].copy_(wav[:n])  # before the next replay overwrites it
+                out = result.new_empty((rows, *result.shape[1:]))
+            out[start : start + n].copy_(result[:n])  # before the next replay overwrites it
             start += n
         return out
 
-    def _run(self, entry: _Entry, hidden: torch.Tensor) -> torch.Tensor:
-        """The entry's output for these rows (fewer than its bucket: the rest are zero padding)."""
-        n = hidden.shape[0]
-        entry.input[:n].copy_(hidden)
-        if entry.filled > n:
-            entry.input[n : entry.filled].zero_()
-        entry.filled = n
-        self.counts["replays"] += 1
-        if entry.graph is None:
-            return self.model.wav_from_hidden(entry.input)
-        entry.graph.replay()
-        return entry.output
+
+class Code2WavGraphs(_BucketedGraphs):
+    """`wav_from_hidden(hidden [B, T, H]) -> wav [B, 1, T*U - lookahead]` through captured shapes.
+
+    A `Code2WavStream`'s `conv_runner`. buckets: graphed batch sizes, capped at max_batch (which
+    is always one); `capture(shapes)` graphs (bucket, T) shapes; a call whose T was captured runs
+    through them (B above the largest captured bucket for T in several replays), any other eagerly.
+    counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
+    found no captured shape). mempool: the CUDA graph pool to capture into (default: a new one)."""
+
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
+                 mempool=None):
+        super().__init__(model, buckets, max_batch, mempool)
+
+    def _new_entry(self, bucket: int, frames: int) -> _Entry:
+        return _Entry((torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device),))
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        return self.model.wav_from_hidden(entry.inputs[0])
+
+    def _size(self, bucket: int, frames: int) -> int:
+        return bucket * frames
+
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        def load(entry: _Entry, start: int, n: int) -> None:
+            entry.inputs[0][:n].copy_(hidden[start : start + n])
+
+        wav = self._through_graphs(hidden.shape[1], hidden.shape[0], load)
+        if wav is None:
+            self.counts["eager"] += 1
+            return self.model.wav_from_hidden(hidden)
+        return wav
+
+
+class Code2WavTransformerGraphs(_BucketedGraphs):
+    """An exact stream decode's transformer, `hidden_from_codes(window, position_offset)[:, kept:]`
+    for window = codes [B, Q, kept + n], through one captured shape per (bucket, n).
+
+    A `Code2WavStream`'s `transformer_runner`. The stream's window holds kept history frames
+    (0 at the start, growing chunk by chunk to C = transformer_context_frames) and the n new ones,
+    at rotary positions position_offset + 0.., so its length and positions change from decode to
+    decode. Here the window is always C + n frames: P = C - kept dummy frames (code 0) before the
+    real ones, hidden as keys (`TransformerModel.forward`'s key_mask; each dummy query attends to
+    itself only, so nothing is NaN), at positions position_offset - P + 0... P and the first
+    position are device scalars the graph reads (`pad`, `offset`), set by `fill_` before a replay:
+    no host sync, and one graph serves every kept. The real frames' outputs are the same math as
+    the stream's own (a hidden key's probability is exactly 0), so they differ by float rounding
+    only (~5e-7 in float32 on the CPU for values of ~3) and are bit-equal once kept = C (nothing
+    padded: the key mask is all true). The last n outputs are the graph's output.
+
+    Streams decoded together share kept and positions (`Code2WavStream.decode_due_together`), so
+    their stacked rows take one replay per bucket piece, as in the conv runner. Calls that cannot
+    use a captured shape run `hidden_from_codes` eagerly (counted): n never captured, kept > C
+    (a stream told to keep more history), or a model with a full-attention layer (C is None: a
+    window that grows without end, nothing is captured)."""
+
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
+                 mempool=None):
+        super().__init__(model, buckets, max_batch, mempool)
+        self.context = model.transformer_context_frames
+        self.offset = torch.zeros((), dtype=torch.long, device=self.device)  # rotary position of the window's frame 0
+        self.pad = torch.zeros((), dtype=torch.long, device=self.device)  # dummy frames at the window's start
+
+    def _new_entry(self, bucket: int, n: int) -> _Entry:
+        m = self.model
+        return _Entry((torch.zeros(bucket, m.num_quantizers, self.context + n, dtype=torch.long, device=self.device),))
+
+    def _body(self, entry: _Entry) -> torch.Tensor:
+        codes = entry.inputs[0]
+        frames = codes.shape[-1]
+        i = torch.arange(frames, device=self.device)
+        h = self.model.hidden_from_codes(codes, positions=self.offset + i, key_mask=i >= self.pad)
+        # a copy, so that the static output is the chunk's n frames and the whole window's
+        # outputs are an intermediate the pool reuses (~1.2 MiB per row of each graph otherwise)
+        return h[:, self.context :].clone()
+
+    def _size(self, bucket: int, n: int) -> int:
+        return bucket * (self.context + n)
+
+    @torch.inference_mode()
+    def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
+        if self.context is not None:
+            super().capture(shapes)
+
+    @torch.inference_mode()
+    def __call__(self, window: torch.Tensor, kept: int, position_offset: int) -> torch.Tensor:
+        rows, n = window.shape[0], window.shape[-1] - kept
+        pad = -1 if self.context is None else self.context - kept
+        out = None
+        if pad >= 0 and n in self._buckets_of:
+            self.offset.fill_(position_offset - pad)
+            self.pad.fill_(pad)
+
+            def load(entry: _Entry, start: int, count: int) -> None:
+                codes = entry.inputs[0]
+                codes[:count, :, pad:].copy_(window[start : start + count])
+                if pad:
+                    codes[:count, :, :pad].zero_()
+
+            out = self._through_graphs(n, rows, load)
+        if out is None:
+            self.counts["eager"] += 1
+            return self.model.hidden_from_codes(window, position_offset=position_offset)[:, kept:]
+        return out

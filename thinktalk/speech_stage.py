@@ -85,9 +85,17 @@ takes several replays). Its lengths are few and known: chunk plus cached history
 conv_context_frames, 10) and the padded last chunk, 4, 8, 12, 14, 18, 26, 42 and 60 frames for the
 default schedule (`code2wav_graphs.stream_conv_frames`), and `warmup()` captures them for the batch
 sizes it is given (one memory pool, as large as the largest graph: ~0.1 GiB per row at 60 frames).
-A shape warmup did not capture runs eagerly. The transformer before the stack (the other 429 ops)
-stays eager: its window grows with the history (up to 568 + chunk frames) and its rotary positions
-with the stream, too many shapes to capture as it is.
+The transformer before the stack (the other 429 top-level ops) sees a window that grows with the
+history (kept frames, up to transformer_context_frames = 568, + chunk) at rotary positions that
+move with the stream, so it runs over a fixed window instead (`code2wav_graphs.
+Code2WavTransformerGraphs`): 568 + chunk frames, the missing history left-padded with dummy
+frames that the attention mask hides, the first position and the pad count device scalars the
+graph reads. One graph per (batch bucket, chunk size) then serves every history length: 4, 8,
+16, 32 and 50 frames for the default schedule (a padded last chunk is one of them), captured by
+`warmup()` after the conv stack into the same memory pool. Its real frames' outputs equal the
+unpadded window's to float rounding (bit-equal once the history is full). A decode is then two
+replays and a few copies; requests decoded together share both. A shape warmup did not capture
+(e.g. an unpadded short last chunk) runs eagerly.
 
 Measured on an H200 (benchmarks/bench_speech.py, full-size random weights, bf16), with the talker's
 KV still in static per-request slots (before it was paged): per frame at one request, talker
@@ -381,8 +389,9 @@ class SpeechStage:
     tokens or in GiB; default: 2,048 tokens per request of max_active (or of 64), i.e. 40 MiB
     each for the full talker in bf16, at least 8,192 tokens (speech_graphs.plan_talker_blocks).
     pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
-    code2wav_graph_batch: backend "graphs": the largest batch of code2wav conv stacks replayed as one
-    CUDA graph (larger groups take several replays); default 8 (~0.1 GiB of graph memory per row).
+    code2wav_graph_batch: backend "graphs": the largest batch of code2wav decodes (conv stack,
+    transformer) replayed as one CUDA graph each (larger groups take several replays); default 8
+    (~0.1 GiB of graph memory per row).
     compile_predictor: torch.compile the code predictor's frame loop before graphing it (GPU).
     keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.
     """
@@ -455,13 +464,17 @@ class SpeechStage:
             self.predictor = GraphPredictor(self.talker, graphs=graphs, compile=compile_predictor)
         else:
             raise ValueError(f"speech backend must be auto, contiguous, paged or graphs, not {backend!r}")
-        # code2wav's conv stack through static buffers, graphed on CUDA once `warmup` captured its
-        # shapes (eager until then, and always off CUDA)
-        self.code2wav_graphs = None
+        # code2wav's conv stack and transformer through static buffers, graphed on CUDA once `warmup`
+        # captured their shapes (eager until then; off CUDA the static buffers run eagerly)
+        self.code2wav_graphs = self.code2wav_tf_graphs = None
         if backend == "graphs":
-            from .code2wav_graphs import DEFAULT_MAX_BATCH as C2W_MAX_BATCH, Code2WavGraphs
+            from .code2wav_graphs import DEFAULT_MAX_BATCH as C2W_MAX_BATCH
+            from .code2wav_graphs import Code2WavGraphs, Code2WavTransformerGraphs
 
-            self.code2wav_graphs = Code2WavGraphs(self.code2wav, max_batch=code2wav_graph_batch or C2W_MAX_BATCH)
+            c2w_batch = code2wav_graph_batch or C2W_MAX_BATCH
+            self.code2wav_graphs = Code2WavGraphs(self.code2wav, max_batch=c2w_batch)
+            self.code2wav_tf_graphs = Code2WavTransformerGraphs(self.code2wav, max_batch=c2w_batch,
+                                                                mempool=self.code2wav_graphs.mempool)
         self.max_active = max_active
         self.jobs: dict[str, SpeechJob] = {}
         self.queue: deque[SpeechJob] = deque()  # waiting for a place (max_active, free KV blocks)
@@ -542,21 +555,27 @@ class SpeechStage:
         return sum(self.runner.kv_tokens(j) for j in self.jobs.values() if j.kv is not None)
 
     def _code2wav_stream(self) -> Code2WavStream:
-        return Code2WavStream(self.code2wav, self.schedule, conv_runner=self.code2wav_graphs)
+        return Code2WavStream(self.code2wav, self.schedule, conv_runner=self.code2wav_graphs,
+                              transformer_runner=self.code2wav_tf_graphs)
 
     @torch.inference_mode()
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Pay one-time costs before the first request: CUDA graphs for these numbers of speaking
-        requests (talker, predictor, and code2wav's conv stack for every length the schedule makes),
+        requests (talker, predictor, and code2wav's conv stack and transformer for every shape the
+        schedule makes),
         and code2wav over every chunk shape the schedule makes (conv set-up per shape).
         Call at start-up, from the thread that steps the stage, with no request speaking."""
         if self.code2wav_graphs is not None:
             from .code2wav_graphs import stream_conv_frames
 
-            # batched: requests at the same point share one conv stack (up to the graph batch)
+            # batched: requests at the same point share one decode (up to the graph batch)
             rows = max(batch_sizes) if self.batch_code2wav else 1
             frames = stream_conv_frames(self.schedule, self.code2wav.conv_context_frames, self.pad_final_chunk)
             self.code2wav_graphs.capture(self.code2wav_graphs.shapes(frames, rows))
+            # the transformer's window is history + chunk, one shape per chunk size: the schedule's
+            # (a padded last chunk is one of them; an unpadded shorter one runs eagerly). Captured
+            # after the conv stack, whose larger graphs made the shared pool's blocks.
+            self.code2wav_tf_graphs.capture(self.code2wav_tf_graphs.shapes(self.schedule, rows))
         sizes = sorted(set(self.schedule))
         first = self.schedule[0]
         second = self.schedule[1] if len(self.schedule) > 1 else first

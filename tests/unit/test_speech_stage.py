@@ -492,22 +492,29 @@ def test_warmup_runs_greedy_and_sampled_predictor_then_speaks_the_same(omni):
     assert job.codes().shape[1] > 0 and torch.equal(job.codes(), _reference(omni, req))
 
 
-def test_warmup_prepares_every_code2wav_conv_shape(omni):
+def test_warmup_prepares_every_code2wav_shape(omni):
     """Backend "graphs": warmup prepares (on the GPU: captures) code2wav's conv stack for every
-    length the schedule makes, so a 125-frame answer and its padded last chunk run none of it
-    eagerly; its codes and PCM are those of the reference backend (one request: nothing padded)."""
+    length the schedule makes and its transformer for every chunk size, so a 125-frame answer and
+    its padded last chunk run none of them eagerly; its codes are those of the reference backend,
+    its PCM too up to float rounding: the transformer runs over a padded window of
+    transformer_context_frames + chunk frames, ~5e-7 from the unpadded one, which this random
+    decoder amplifies as it does the streamed vs one-shot rounding (~2e-3: test_stream_equals_oneshot_decode;
+    tight on a well-scaled decoder: tests/unit/test_code2wav_graphs.py)."""
     stage = _stage(omni, backend="graphs", pad_final_chunk=True)
     stage.warmup((1,))
-    runner = stage.code2wav_graphs
-    assert runner.captured == [(1, t) for t in (4, 8, 12, 14, 18, 26, 42, 60)]
-    before = dict(runner.counts)
+    conv, tf = stage.code2wav_graphs, stage.code2wav_tf_graphs
+    assert conv.captured == [(1, t) for t in (4, 8, 12, 14, 18, 26, 42, 60)]
+    assert tf.captured == [(1, n) for n in (4, 8, 16, 32, 50)]
+    before = {"conv": dict(conv.counts), "tf": dict(tf.counts)}
     (job,), _ = _run(omni, stage, [_request(omni, frames=125)], ignore_eos=True)
     assert len(job.frames) == 125
     # chunks of 4, 8, 16, 32 and 50 frames, then the last 15 padded to 16
-    assert runner.counts["replays"] - before["replays"] == 6 and runner.counts["eager"] == before["eager"]
+    for runner, was in ((conv, before["conv"]), (tf, before["tf"])):
+        assert runner.counts["replays"] - was["replays"] == 6 and runner.counts["eager"] == was["eager"]
     (ref,), _ = _run(omni, _stage(omni, pad_final_chunk=True), [_request(omni, frames=125)], ignore_eos=True)
     assert torch.equal(job.codes(), ref.codes())
-    assert np.array_equal(job.pcm(), ref.pcm())
+    assert job.pcm().shape == ref.pcm().shape
+    assert float(np.abs(job.pcm() - ref.pcm()).max()) < 2e-2
     u, hold = omni.model.code2wav.total_upsample, omni.model.code2wav.lookahead_samples
     assert job.pcm().size == 125 * u - hold
 

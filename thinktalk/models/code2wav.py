@@ -291,24 +291,45 @@ class TransformerModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     @staticmethod
-    def _mask(t: int, window: int | None, device) -> torch.Tensor:
+    def _mask(t: int, window: int | None, device, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         i = torch.arange(t, device=device)
         rel = i[:, None] - i[None, :]  # query - key
         allowed = rel >= 0
         if window is not None:
             allowed &= rel < window
+        if key_mask is not None:
+            # Masked keys are invisible; a masked query then sees no key at all. A plain softmax
+            # of an all-masked row is NaN (which, even 0-weighted, would poison the real rows'
+            # value products in the next layer); torch's CPU SDPA returns zeros there, but not
+            # every backend need. So every query also sees itself: no row is all-masked.
+            allowed = (allowed & key_mask[None, :]) | (rel == 0)
         return allowed
 
-    def forward(self, inputs_embeds: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        """[B, T, hidden] -> [B, T, hidden]; rotary positions are position_offset + 0..T-1."""
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_offset: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, hidden]; rotary positions are position_offset + 0..T-1.
+
+        positions ([T] integer tensor) replaces position_offset, and key_mask ([T] bool, shared
+        by the rows) hides the frames where it is False as keys, so a fixed-length window can hold
+        fewer real frames (code2wav_graphs: a CUDA graph takes both as device tensors). A frame
+        whose outputs are wanted must not attend to a hidden one: masking only the keys before
+        the real frames (left padding) leaves the real frames' outputs those of the real frames
+        alone (the hidden keys get probability exactly 0)."""
         t = inputs_embeds.shape[1]
-        positions = torch.arange(position_offset, position_offset + t, device=inputs_embeds.device)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + t, device=inputs_embeds.device)
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         masks: dict[int | None, torch.Tensor] = {}
         h = inputs_embeds
         for layer, window in zip(self.layers, self.windows):
             if window not in masks:
-                masks[window] = self._mask(t, window, h.device)
+                masks[window] = self._mask(t, window, h.device, key_mask)
             h = layer(h, cos, sin, masks[window])
         return self.norm(h)
 
@@ -419,15 +440,23 @@ class Code2Wav(nn.Module):
         return None if tf is None else tf + self.conv_context_frames
 
     # -- decode -----------------------------------------------------------------------------
-    def hidden_from_codes(self, codes: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    def hidden_from_codes(
+        self,
+        codes: torch.Tensor,
+        position_offset: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """codes [B, num_quantizers, T] -> transformer output [B, T, hidden].
 
         RoPE is relative, so `position_offset` changes the result only by float rounding; the
-        exact stream passes the window's absolute frame index to round like the one-shot decode."""
+        exact stream passes the window's absolute frame index to round like the one-shot decode.
+        positions / key_mask: see `TransformerModel.forward` (the graphed stream's padded window)."""
         if codes.dim() != 3 or codes.shape[1] != self.num_quantizers or codes.shape[2] == 0:
             raise ValueError(f"code2wav expects codes [B, {self.num_quantizers}, T >= 1], got {tuple(codes.shape)}")
         h = self.code_embedding(codes + self.code_offset).mean(1)
-        return self.pre_transformer(h, position_offset)
+        return self.pre_transformer(h, position_offset, positions=positions, key_mask=key_mask)
 
     def wav_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """transformer output [B, T, hidden] -> wav [B, 1, T*total_upsample - lookahead_samples] in [-1, 1]."""
@@ -487,8 +516,11 @@ class Code2WavStream:
     [left_context_size + chunk] frames, drop left_context_size * U samples, emit everything.
 
     conv_runner: what runs the conv stack of an exact decode, a callable with the signature of
-    `model.wav_from_hidden` (the default); the GPU speech stage passes one that replays CUDA graphs
-    (thinktalk/code2wav_graphs.py). Streams decoded together use the first one's.
+    `model.wav_from_hidden` (the default); transformer_runner: what runs its transformer,
+    (window codes [B, Q, kept + n], kept, position_offset) -> the outputs of the last n frames
+    [B, n, hidden] (default: `model.hidden_from_codes(window, position_offset)[:, kept:]`). The GPU
+    speech stage passes runners that replay CUDA graphs (thinktalk/code2wav_graphs.py). Streams
+    decoded together use the first one's.
     """
 
     def __init__(
@@ -501,6 +533,7 @@ class Code2WavStream:
         transformer_context_frames: int | None = -1,
         conv_context_frames: int | None = None,
         conv_runner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transformer_runner: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     ):
         if not schedule or any(int(n) < 1 for n in schedule):
             raise ValueError(f"schedule must be a non-empty list of positive frame counts, got {schedule!r}")
@@ -513,7 +546,11 @@ class Code2WavStream:
         self.conv_ctx = model.conv_context_frames if conv_context_frames is None else conv_context_frames
         self.holdback = model.lookahead_samples
         self.conv_runner = model.wav_from_hidden if conv_runner is None else conv_runner
+        self.transformer_runner = self._transformer if transformer_runner is None else transformer_runner
         self.reset()
+
+    def _transformer(self, window: torch.Tensor, kept: int, position_offset: int) -> torch.Tensor:
+        return self.model.hidden_from_codes(window, position_offset=position_offset)[:, kept:]
 
     def reset(self) -> None:
         self._codes: torch.Tensor | None = None  # [B, Q, n]: kept history + pending frames
@@ -628,7 +665,7 @@ class Code2WavStream:
         start = self._decoded
         window = self._codes[..., : self._kept + n]
         if self.exact:
-            h = m.hidden_from_codes(window, position_offset=start - self._kept)[:, self._kept :]
+            h = self.transformer_runner(window, self._kept, start - self._kept)
             hist = self._hidden if self._hidden is not None else h[:, :0]
             hc = torch.cat([hist, h], dim=1)
             wav = self.conv_runner(hc)
