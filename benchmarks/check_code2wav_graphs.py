@@ -78,7 +78,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny test config (a smoke test on the CPU)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms per shape")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -95,7 +97,8 @@ def main() -> None:
     model.decoder[-1].conv.weight.mul_(scale)
     model.decoder[-1].conv.bias.mul_(scale)
 
-    res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    res: dict = {"cudnn_benchmark": args.cudnn_benchmark,
+                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                  "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny,
                  "frames": args.frames, "samples": args.frames * model.total_upsample - model.lookahead_samples,
                  "rows": {}}

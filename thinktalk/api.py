@@ -389,7 +389,9 @@ class Omni:
         return codes, wav.flatten().float().cpu().numpy()
 
 
-SPEECH_WORKING_SET = 0.25 * 2**30  # code2wav's largest streaming window + graphs (benchmarks/quant_memory_plan.py)
+# code2wav's largest streaming window (benchmarks/quant_memory_plan.py) + its CUDA graphs' pool
+# (code2wav_graphs.py: ~1 GiB for the default largest batch of 4)
+SPEECH_WORKING_SET = 1.25 * 2**30
 
 
 def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device, total_memory: int | None = None) -> EngineConfig:

@@ -84,7 +84,7 @@ with backend "graphs" the stack replays a CUDA graph per (batch bucket, frames)
 takes several replays). Its lengths are few and known: chunk plus cached history (growing to
 conv_context_frames, 10) and the padded last chunk, 4, 8, 12, 14, 18, 26, 42 and 60 frames for the
 default schedule (`code2wav_graphs.stream_conv_frames`), and `warmup()` captures them for the batch
-sizes it is given (one memory pool, as large as the largest graph: ~0.1 GiB per row at 60 frames).
+sizes it is given (one memory pool, as large as the largest graph: ~0.25 GiB per row at 60 frames).
 The transformer before the stack (the other 429 top-level ops) sees a window that grows with the
 history (kept frames, up to transformer_context_frames = 568, + chunk) at rotary positions that
 move with the stream, so it runs over a fixed window instead (`code2wav_graphs.
@@ -390,8 +390,8 @@ class SpeechStage:
     each for the full talker in bf16, at least 8,192 tokens (speech_graphs.plan_talker_blocks).
     pad_final_chunk: decode a request's last chunk padded to a schedule size (default on CUDA).
     code2wav_graph_batch: backend "graphs": the largest batch of code2wav decodes (conv stack,
-    transformer) replayed as one CUDA graph each (larger groups take several replays); default 8
-    (~0.1 GiB of graph memory per row).
+    transformer) replayed as one CUDA graph each (larger groups take several replays); default 4
+    (~0.25 GiB of graph memory per row, measured at 60 frames).
     compile_predictor: torch.compile the code predictor's frame loop before graphing it (GPU).
     keep_audio: keep each request's PCM on its job (job.pcm()); profile: time the phases.
     """

@@ -143,7 +143,8 @@ def test_uncaptured_frames_run_eagerly_and_are_counted(model):
 
 
 def test_shapes_and_buckets(model):
-    runner = Code2WavGraphs(model)  # defaults: buckets 1, 2, 4, 8
+    assert Code2WavGraphs(model).buckets == (1, 2, 4)  # default max_batch 4
+    runner = Code2WavGraphs(model, max_batch=8)
     assert runner.buckets == (1, 2, 4, 8)
     assert [runner.bucket(n) for n in (1, 2, 3, 5, 8, 9, 40)] == [1, 2, 4, 8, 8, 8, 8]
     assert runner.shapes([12, 4, 12], max_rows=3) == [(1, 4), (2, 4), (4, 4), (1, 12), (2, 12), (4, 12)]
