@@ -32,7 +32,10 @@ A request that stops on a sampled token (eos, a stop id, an abort) has one more 
 and thrown away (its KV slot was reserved anyway; the blocks it frees are only reused by steps
 launched later, on the same stream); one that reaches max_new_tokens is never continued. A call
 that must schedule (a request waiting to be admitted, a prefill, a request that needs its own
-sampling pass, a preemption) first lands the step in flight and returns its tokens.
+sampling pass, a preemption) first lands the step in flight and returns its tokens. Steps with a
+speaking request stay synchronous: measured on an H100 (bench_speech.py), overlapping them delayed
+the first audio at 32 speakers from 311 to 506 ms (the talker reads each token and its hidden
+states right after the step; text-only decoding gained 4-5%, see the README).
 """
 
 from __future__ import annotations
@@ -108,7 +111,6 @@ class InFlightStep:
     tokens: torch.Tensor  # [n] on the device: the next step's input ids
     host: torch.Tensor  # [n] pinned host copy of tokens, valid once `ready` has passed
     ready: torch.cuda.Event | None  # recorded after the copy (None off CUDA: copied already)
-    captured: dict[int, torch.Tensor]  # hidden states of the step's tokens for the talker
 
 
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
@@ -282,7 +284,7 @@ class Engine:
     # -- overlapped decode steps -----------------------------------------------------------------
     def _can_overlap(self, batch: Batch) -> bool:
         return (self.overlap_steps and self.decode_graphs.supports(batch)
-                and not any(needs_own_pass(r.sampling, r.generator) for r in batch.requests))
+                and not any(needs_own_pass(r.sampling, r.generator) or r.capture is not None for r in batch.requests))
 
     def _continuation(self, prev: InFlightStep) -> Batch | None:
         """The decode step after `prev`, before its tokens are known on the host: every request
@@ -312,7 +314,7 @@ class Engine:
                 where = {id(r): i for i, r in enumerate(prev.requests)}
                 index = torch.tensor([where[id(r)] for r in batch.requests])
                 device_ids = prev_tokens[index.to(self.device, non_blocking=True)]
-        logits, captured = self.decode_graphs.run(batch, device_ids)
+        logits, _ = self.decode_graphs.run(batch, device_ids)  # no speaking request: nothing captured to keep
         tokens = sample_batch_on_device(logits, batch.requests)
         on_cuda = self.device.type == "cuda"
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=on_cuda)
@@ -321,7 +323,7 @@ class Engine:
         if on_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return InFlightStep(batch, tokens, host, ready, captured)
+        return InFlightStep(batch, tokens, host, ready)
 
     def _land(self, step: InFlightStep) -> list[StepOutput]:
         """Process a launched step's tokens (`_postprocess` for tokens already sampled); rows of
@@ -333,9 +335,6 @@ class Engine:
         if len(keep) < len(batch.requests):
             batch = Batch([batch.requests[i] for i in keep], [batch.starts[i] for i in keep], [1] * len(keep),
                           [False] * len(keep), [True] * len(keep))
-            step.captured = {layer: h[keep] for layer, h in step.captured.items()}
-        if step.captured:
-            self._keep_hidden(batch, step.captured)
         tokens = step.host.tolist()
         return self._postprocess(batch, None, [(tokens[i], None) for i in keep])
 
