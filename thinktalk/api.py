@@ -390,8 +390,8 @@ class Omni:
 
 
 # code2wav's largest streaming window (benchmarks/quant_memory_plan.py) + its CUDA graphs' pool
-# (code2wav_graphs.py: ~1 GiB for the default largest batch of 4)
-SPEECH_WORKING_SET = 1.25 * 2**30
+# (1.13 GiB measured for the default largest batch of 4, benchmarks/results/code2wav_graphs_h100.json)
+SPEECH_WORKING_SET = 1.5 * 2**30
 
 
 def reserve_for_speech(config: EngineConfig, cfg: OmniConfig, slots: int, device, total_memory: int | None = None) -> EngineConfig:

@@ -19,9 +19,9 @@ copy of the first B rows (the next replay overwrites the output). Groups larger 
 bucket run as several replays of it (and one of a smaller bucket for the rest), which also bounds
 the memory the graphs hold: their intermediates live in one memory pool shared by all graphs
 (captured largest first, so the smaller ones reuse its blocks), sized by the largest graph alone,
-~0.25 GiB per batch row for a 60-frame window of the full model in bf16 (2.0 GiB measured for
-a bucket of 8 on an H100, benchmarks/check_code2wav_graphs.py), so ~1 GiB with the default
-largest bucket of 4 (api.SPEECH_WORKING_SET keeps room for it).
+~0.25 GiB per batch row for a 60-frame window of the full model in bf16 (measured on an H100
+with benchmarks/check_code2wav_graphs.py: 2.0 GiB for a bucket of 8, 1.13 GiB for the default
+largest bucket of 4; api.SPEECH_WORKING_SET keeps room for it).
 
 Which shapes: a stream's conv-stack lengths are few and known in advance (`stream_conv_frames`:
 chunk sizes plus a history that grows to conv_context_frames, and the padded final chunk), so the
