@@ -51,7 +51,8 @@ def our_thinker_sharing(hf_thinker, cfg, device):
 
 
 def engine_logits(model, prompt_len: int, steps: int, **config) -> tuple[list[int], list[int], torch.Tensor]:
-    engine = Engine(model, eos_token_ids=[], config=EngineConfig(num_kv_blocks=2048, **config))
+    # overlapped decode steps sample inside `_launch`, past the `_run` this wraps: the check runs synchronously
+    engine = Engine(model, eos_token_ids=[], config=EngineConfig(num_kv_blocks=2048, overlap_steps=False, **config))
     rows = []
     run = engine._run
 

@@ -218,31 +218,6 @@ def test_stream_with_runner_equals_stream_without(model):
     assert runner.counts == {"replays": 6, "eager": 0}
 
 
-def test_streams_decoded_together_with_runner(model):
-    """Three streams at the same point decoded in one batch (`decode_due_together`) through a runner
-    whose largest bucket is 2 (so 2 + 1 rows): each stream's PCM equals it decoded alone, to rounding."""
-    runner = Code2WavGraphs(model, max_batch=2)
-    runner.capture(runner.shapes(stream_conv_frames((4, 8), model.conv_context_frames), max_rows=3))
-    codes = [_codes(model, 20, seed=30 + i) for i in range(3)]
-    alone = [torch.cat(_push_frames(Code2WavStream(model, (4, 8)), c)) for c in codes]
-    streams = [Code2WavStream(model, (4, 8), conv_runner=runner) for _ in codes]
-    together: list[list[torch.Tensor]] = [[] for _ in codes]
-    for i in range(20):
-        for st, c in zip(streams, codes):
-            st.append(c[:, i : i + 1])
-        for out, pcm in zip(together, Code2WavStream.decode_due_together(streams)):
-            if pcm is not None:
-                out.append(pcm)
-    for out, st in zip(together, streams):
-        out.append(st.flush())  # 20 = 4 + 8 + 8: nothing pending
-    for out, ref in zip(together, alone):
-        got = torch.cat(out)
-        assert got.shape == ref.shape
-        assert (got - ref).abs().max().item() < 1e-4
-    # decodes of 4, 8, 8 frames, each as a piece of 2 rows and one of 1
-    assert runner.counts == {"replays": 6, "eager": 0}
-
-
 # -- the transformer --------------------------------------------------------------------------------
 TF_CTX = 142  # the tiny config's transformer_context_frames: 2 layers, sliding window 72
 HIDDEN_ATOL = 2e-6  # float32 rounding of attention / matmuls over other lengths (~5e-7 measured)
@@ -388,13 +363,16 @@ def test_stream_with_both_runners(model, frames, decodes, dtype):
     assert tf.counts == {"replays": decodes, "eager": 0} and conv.counts == {"replays": decodes, "eager": 0}
 
 
-def test_streams_decoded_together_with_both_runners(model):
-    """Three streams at the same point decoded in one batch through both runners (largest bucket 2:
-    a piece of 2 rows and one of 1 per decode): each stream's PCM equals it decoded alone."""
+@pytest.mark.parametrize("with_transformer", [False, True], ids=["conv-runner", "both-runners"])
+def test_streams_decoded_together_with_runners(model, with_transformer):
+    """Three streams at the same point decoded in one batch (`decode_due_together`) through the
+    conv runner alone and through both runners (largest bucket 2: a piece of 2 rows and one of 1
+    per decode): each stream's PCM equals it decoded alone, to rounding."""
     conv, tf = _runners(model, (4, 8), max_batch=2, rows=3)
+    runners = {"conv_runner": conv, **({"transformer_runner": tf} if with_transformer else {})}
     codes = [_codes(model, 20, seed=30 + i) for i in range(3)]
     alone = [torch.cat(_push_frames(Code2WavStream(model, (4, 8)), c)) for c in codes]
-    streams = [Code2WavStream(model, (4, 8), conv_runner=conv, transformer_runner=tf) for _ in codes]
+    streams = [Code2WavStream(model, (4, 8), **runners) for _ in codes]
     together: list[list[torch.Tensor]] = [[] for _ in codes]
     for i in range(20):
         for st, c in zip(streams, codes):
@@ -408,4 +386,6 @@ def test_streams_decoded_together_with_both_runners(model):
         got = torch.cat(out)
         assert got.shape == ref.shape
         assert (got - ref).abs().max().item() < PCM_ATOL[torch.float32]
-    assert tf.counts == {"replays": 6, "eager": 0} and conv.counts == {"replays": 6, "eager": 0}
+    # decodes of 4, 8, 8 frames, each as a piece of 2 rows and one of 1
+    assert conv.counts == {"replays": 6, "eager": 0}
+    assert tf.counts == ({"replays": 6, "eager": 0} if with_transformer else {"replays": 0, "eager": 0})
