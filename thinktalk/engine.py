@@ -33,9 +33,12 @@ and thrown away (its KV slot was reserved anyway; the blocks it frees are only r
 launched later, on the same stream); one that reaches max_new_tokens is never continued. A call
 that must schedule (a request waiting to be admitted, a prefill, a request that needs its own
 sampling pass, a preemption) first lands the step in flight and returns its tokens. Steps with a
-speaking request stay synchronous: measured on an H100 (bench_speech.py), overlapping them delayed
-the first audio at 32 speakers from 311 to 506 ms (the talker reads each token and its hidden
-states right after the step; text-only decoding gained 4-5%, see the README).
+speaking request stay synchronous: the speech stage syncs after every step anyway, and reading
+each token one call later makes the talker, which needs each new token and its hidden states,
+start and go one loop iteration later (checked on the CPU). The one speech benchmark run with
+overlapped speakers was also slower at 32 speakers (first audio 506 against 311 ms on an H100), but
+it differed in more than that (README), so only the direction is known. Text-only decoding gained
+4-5% (README).
 """
 
 from __future__ import annotations
