@@ -228,3 +228,63 @@ def test_calls_run_on_the_engine_thread():
         return name, still
 
     assert run(main()) == ("thinktalk-engine", "alive")
+
+
+def test_real_engine_with_overlapped_steps_streams_every_token_and_frees_every_block():
+    """The thinker engine with overlapped decode steps (the GPU default; here its CPU form) behind
+    the engine thread: each stream gets exactly its tokens, in order, though steps report them one
+    call late; an abort while a step is in flight ends that stream and frees its blocks at once."""
+    import torch
+
+    from thinktalk.config import config_from_dict
+    from thinktalk.engine import Engine, EngineConfig
+    from thinktalk.weights.loader import build_model
+    from thinktalk.weights.tiny import randomize_
+    from thinktalk.weights.tiny_config import tiny_config_dict
+
+    model = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), seed=3)
+
+    def requests():
+        out = []
+        for i, (n, new) in enumerate([(9, 14), (23, 8), (5, 400)]):
+            ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+            out.append(Request(ids, torch.arange(n)[None].expand(3, -1).clone(), 0,
+                               SamplingParams(temperature=0, max_new_tokens=new), request_id=f"r{i}"))
+        return out
+
+    reference = Engine(model, [-1], EngineConfig())
+    ref = requests()
+    for r in ref:
+        reference.add_request(r)
+    while reference.has_work():
+        reference.step()
+
+    engine = Engine(model, [-1], EngineConfig(kv_backend="paged", block_size=4, num_kv_blocks=256, cuda_graphs=True,
+                                              overlap_steps=True))
+    launches = []
+    launch = engine._launch
+    engine._launch = lambda *a, **k: launches.append(1) or launch(*a, **k)
+
+    async def main():
+        eng = AsyncEngine(engine)
+        eng.start(asyncio.get_running_loop())
+        streams = [eng.add(r) for r in requests()]
+        got: list[list[int]] = [[] for _ in streams]
+
+        async def consume(i):
+            async for ev in streams[i]:
+                got[i] += ev.token_ids
+                if i == 2 and len(got[i]) == 20:
+                    streams[i].abort()
+
+        await asyncio.gather(*(consume(i) for i in range(3)))
+        free = await eng.call(lambda: engine.block_manager.num_free_blocks)
+        eng.stop()
+        return streams, got, free
+
+    streams, got, free = run(main())
+    assert got[0] == ref[0].output_ids and got[1] == ref[1].output_ids
+    assert streams[2].finish_reason == "abort" and got[2] == ref[2].output_ids[: len(got[2])] and len(got[2]) < 400
+    assert [s.finish_reason for s in streams[:2]] == ["length", "length"]
+    assert free == engine.block_manager.num_blocks
+    assert len(launches) > 20  # the decode steps did run overlapped
