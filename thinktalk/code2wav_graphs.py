@@ -112,7 +112,8 @@ class _BucketedGraphs:
     (`_body`) and how large a shape is (`_size`: the capture order), and loads each piece's rows
     through `_through_graphs`."""
 
-    def __init__(self, model: Code2Wav, buckets: Sequence[int], max_batch: int, mempool=None):
+    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
+                 mempool=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -227,10 +228,6 @@ class Code2WavGraphs(_BucketedGraphs):
     through them (B above the largest captured bucket for T in several replays), any other eagerly.
     counts: "replays" (static-path runs, graphed or, off CUDA, eager) and "eager" (calls that
     found no captured shape). mempool: the CUDA graph pool to capture into (default: a new one)."""
-
-    def __init__(self, model: Code2Wav, buckets: Sequence[int] = BUCKETS, max_batch: int = DEFAULT_MAX_BATCH,
-                 mempool=None):
-        super().__init__(model, buckets, max_batch, mempool)
 
     def _new_entry(self, bucket: int, frames: int) -> _Entry:
         return _Entry((torch.zeros(bucket, frames, self.hidden_size, dtype=self.dtype, device=self.device),))

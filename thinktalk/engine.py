@@ -116,6 +116,13 @@ class InFlightStep:
     ready: torch.cuda.Event | None  # recorded after the copy (None off CUDA: copied already)
 
 
+def _decode_batch(requests: list[Request], starts: list[int], positions: torch.Tensor | None = None) -> Batch:
+    """A batch of one decode token per request (token index `starts[i]`), sampled; its input ids
+    stay on the device (overlapped steps)."""
+    n = len(requests)
+    return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
+
+
 def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
@@ -303,9 +310,7 @@ class Engine:
             return None
         if not all(self.pool.reserve(r, s + 1) for r, s in rows):
             return None  # a slot needs a preemption: the scheduler's call
-        reqs, starts = [r for r, _ in rows], [s for _, s in rows]
-        n = len(rows)
-        return Batch(reqs, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=decode_positions(rows))
+        return _decode_batch([r for r, _ in rows], [s for _, s in rows], decode_positions(rows))
 
     def _launch(self, batch: Batch, prev_tokens: torch.Tensor | None = None, prev: Batch | None = None) -> InFlightStep:
         """Run a decode-only batch and sample it on the device; its input ids are `batch.input_ids`
@@ -336,8 +341,7 @@ class Engine:
         keep = [i for i, r in enumerate(step.batch.requests) if r.status is Status.RUNNING]
         batch = step.batch
         if len(keep) < len(batch.requests):
-            batch = Batch([batch.requests[i] for i in keep], [batch.starts[i] for i in keep], [1] * len(keep),
-                          [False] * len(keep), [True] * len(keep))
+            batch = _decode_batch([batch.requests[i] for i in keep], [batch.starts[i] for i in keep])
         tokens = step.host.tolist()
         return self._postprocess(batch, None, [(tokens[i], None) for i in keep])
 

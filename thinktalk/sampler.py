@@ -109,8 +109,8 @@ def sample_batch(logits: torch.Tensor, requests: list) -> list[tuple[int, torch.
         token, logprobs = sample_one(logits[i], req.sampling, req.prompt_ids, req.output_ids, req.generator)
         out[i] = (token, logprobs if req.sampling.logprobs is not None else None)
     if greedy or groups:
-        rows = greedy + [i for members in groups.values() for i in members]
-        for i, token in zip(rows, _batched_tokens(logits, greedy, groups).tolist()):
+        rows, tokens = _batched_tokens(logits, greedy, groups)
+        for i, token in zip(rows, tokens.tolist()):
             out[i] = (token, None)
     return out
 
@@ -122,8 +122,7 @@ def sample_batch_on_device(logits: torch.Tensor, requests: list) -> torch.Tensor
     own, greedy, groups = _partition(requests)
     if own:
         raise ValueError("sample_batch_on_device: a request needs its own sampling pass")
-    rows = greedy + [i for members in groups.values() for i in members]
-    picked = _batched_tokens(logits.float(), greedy, groups)
+    rows, picked = _batched_tokens(logits.float(), greedy, groups)
     if rows == list(range(len(rows))):
         return picked
     tokens = torch.empty_like(picked)
@@ -148,9 +147,11 @@ def _partition(requests: list) -> tuple[list[int], list[int], dict[tuple, list[i
     return own, greedy, groups
 
 
-def _batched_tokens(logits: torch.Tensor, greedy: list[int], groups: dict[tuple, list[int]]) -> torch.Tensor:
-    """Tokens of the greedy rows, then of each sampling group's rows, in that order, as one
-    tensor on the device: one batched argmax, one filter + draw per distinct setting."""
+def _batched_tokens(logits: torch.Tensor, greedy: list[int], groups: dict[tuple, list[int]]) -> tuple[list[int], torch.Tensor]:
+    """(rows, tokens): the greedy rows, then each sampling group's rows, and their tokens in
+    that order as one tensor on the device: one batched argmax, one filter + draw per distinct
+    setting."""
+    rows = greedy + [i for members in groups.values() for i in members]
     picked = []
     if greedy:
         sub = logits if len(greedy) == logits.shape[0] else logits[torch.tensor(greedy, device=logits.device)]
@@ -159,7 +160,7 @@ def _batched_tokens(logits: torch.Tensor, greedy: list[int], groups: dict[tuple,
         sub = logits[torch.tensor(members, device=logits.device)]
         probs = filter_logits(sub, temperature, top_k, top_p).softmax(-1)
         picked.append(draw(sub, probs))
-    return picked[0] if len(picked) == 1 else torch.cat(picked)
+    return rows, picked[0] if len(picked) == 1 else torch.cat(picked)
 
 
 def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict:

@@ -80,8 +80,8 @@ Launched op by op, a decode is host bound on the GPU: ~3,400 aten calls, ~46 ms 
 the chunk's length (0.28 s of a 10 s answer at one request). About half of them are the conv stack
 (upsampling ConvNeXt blocks and the decoder: 507 of 936 top-level ops for a 50-frame chunk), so
 with backend "graphs" the stack replays a CUDA graph per (batch bucket, frames)
-(`code2wav_graphs.Code2WavGraphs`: buckets 1, 2, 4, 8; a larger group of requests at the same point
-takes several replays). Its lengths are few and known: chunk plus cached history (growing to
+(`code2wav_graphs.Code2WavGraphs`: buckets 1, 2, 4 by default, `code2wav_graph_batch`; a larger
+group of requests at the same point takes several replays). Its lengths are few and known: chunk plus cached history (growing to
 conv_context_frames, 10) and the padded last chunk, 4, 8, 12, 14, 18, 26, 42 and 60 frames for the
 default schedule (`code2wav_graphs.stream_conv_frames`), and `warmup()` captures them for the batch
 sizes it is given (one memory pool, as large as the largest graph: ~0.25 GiB per row at 60 frames).
@@ -562,8 +562,7 @@ class SpeechStage:
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Pay one-time costs before the first request: CUDA graphs for these numbers of speaking
         requests (talker, predictor, and code2wav's conv stack and transformer for every shape the
-        schedule makes),
-        and code2wav over every chunk shape the schedule makes (conv set-up per shape).
+        schedule makes), and one decode of every chunk shape (conv set-up of shapes run eagerly).
         Call at start-up, from the thread that steps the stage, with no request speaking."""
         if self.code2wav_graphs is not None:
             from .code2wav_graphs import stream_conv_frames
