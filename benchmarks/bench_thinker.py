@@ -247,15 +247,22 @@ def main():
         result["versions"]["triton"] = triton.__version__
     except ImportError:
         pass
+    def save():  # after each part, so a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     result["thinktalk"] = bench_thinktalk(args)
     print(json.dumps(result["thinktalk"], indent=1), flush=True)
+    save()
     if not args.skip_transformers:
         import transformers
 
         result["versions"]["transformers"] = transformers.__version__
-        result["transformers"] = bench_transformers(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            result["transformers"] = bench_transformers(args)
+        except Exception as exc:  # noqa: BLE001 - keep our figures when the comparison fails
+            result["transformers"] = {"error": repr(exc)}
+        save()
     print(json.dumps(result, indent=1))
 
 
