@@ -4,14 +4,16 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
     python benchmarks/bench_quant_gemv.py --out benchmarks/results/quant_gemv_h200.json
     python benchmarks/bench_quant_gemv.py --out ... --sweep     # + a tile sweep of the int4 GEMVs
     python benchmarks/bench_quant_gemv.py --out ... --tiny      # CPU dry run (Triton interpreter)
+    python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-bf16   # bf16 only, + its tile sweep
 
 Cases (M = 1 decode row by default, --rows for more):
   dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
-         lm_head (151936 x 2048): bf16 F.linear (cuBLAS), int4 / int8 / fp8 GEMV; before this
+         lm_head (151936 x 2048), router (128 x 2048): bf16 F.linear (cuBLAS) and the bf16 GEMV
+         (kernels/gemv.py), int4 / int8 / fp8 GEMV; before this
          change's numbers: the int4 tile GEMM (quant_matmul; int8 too for the lm_head, which is
          int8 in every quantized variant) and fp8 W8A8 (torch._scaled_mm)
-  moe    128 experts, hidden 2048, intermediate 768, top-8: bf16 fused MoE (kernels/fused_moe),
-         int4 / int8 / fp8 GEMV MoE; before: the int4 tile fused MoE (quant_moe.quant_fused_moe)
+  moe    128 experts, hidden 2048, intermediate 768, top-8: bf16 fused MoE (kernels/fused_moe) and
+         bf16 GEMV MoE (kernels/gemv.moe_gemv), int4 / int8 / fp8 GEMV MoE; before: the int4 tile fused MoE (quant_moe.quant_fused_moe)
 int formats are group 128 symmetric, fp8 per-channel (what --quantization int4 / int8 / fp8 write).
 
 Timing: each case is captured as a CUDA graph of `--calls` calls (decode steps replay graphs, so
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--tiny" in sys.argv:  # the kernels decide between compiler and interpreter when imported
     os.environ["TRITON_INTERPRET"] = "1"
 
+from thinktalk.kernels import gemv as fg  # noqa: E402
 from thinktalk.kernels import quant_gemm as qg  # noqa: E402
 from thinktalk.kernels import quant_gemv as gv  # noqa: E402
 from thinktalk.kernels import quant_moe_gemv as mg  # noqa: E402
@@ -57,13 +60,14 @@ DENSE = [  # (name, N, K)
     ("k_proj", 512, 2048),  # v_proj has the same shape
     ("o_proj", 2048, 4096),
     ("lm_head", 151936, 2048),
+    ("router", 128, 2048),
 ]
 EXPERTS, HIDDEN, INTER, TOP_K = 128, 2048, 768, 8
 LAYERS = 48
 METHODS = ("int4", "int8", "fp8")
 DEVICE = "cuda"
 TINY_DENSE = [("qkv_fused", 96 + 16 + 16, 64), ("q_proj", 96, 64), ("k_proj", 16, 64), ("o_proj", 64, 96),
-              ("lm_head", 200, 64)]
+              ("lm_head", 200, 64), ("router", 8, 64)]
 
 
 def use_tiny_shapes() -> None:
@@ -136,6 +140,9 @@ def dense_cases(name: str, n: int, k: int, rows: int, l2: int, calls: int, gen) 
 
     ws = [w] + [w.clone() for _ in range(copies_for(nbytes(w), l2) - 1)]
     record("bf16", "cublas", lambda i: F.linear(x, ws[i % len(ws)]), nbytes(w), 0.0)
+    exact = F.linear(x.float(), w.float())
+    err = rel_err(fg.gemv(x, w), exact)
+    record("bf16", "gemv", lambda i: fg.gemv(x, ws[i % len(ws)]), nbytes(w), err, fg.gemv_config(rows, n, k, 2))
     del ws
     for method in METHODS:
         fmt = fmt_of(method, k)
@@ -190,6 +197,11 @@ def moe_cases(tokens: int, calls: int, gen) -> list[dict]:
     err = rel_err(fused_moe(x, gu, dn, wts0, ids0), exact_bf16)
     del exact_bf16
     record("bf16", "fused_moe", lambda i: fused_moe(x, gu, dn, *routes[i]), nbytes(gu[0], dn[0]), err)
+    exact_bf16 = moe_reference(x.float(), gu.float(), dn.float(), wts0.float(), ids0)
+    err = rel_err(fg.moe_gemv(x, gu, dn, wts0, ids0), exact_bf16)
+    del exact_bf16
+    record("bf16", "gemv_moe", lambda i: fg.moe_gemv(x, gu, dn, *routes[i]), nbytes(gu[0], dn[0]), err,
+           fg.moe_gemv_config(tokens, TOP_K, HIDDEN, INTER, 2))
     for method in METHODS:
         f1, f2 = fmt_of(method, HIDDEN), fmt_of(method, INTER)
         a = QuantTensor(*quantize(gu, f1, scale_dtype=torch.bfloat16), f1, HIDDEN)
@@ -282,6 +294,65 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
     return rows
 
 
+def _time_config(rows: list, case: str, fn, check, calls: int, cfg: dict) -> float:
+    """Time fn(i, cfg) from a CUDA graph; a row per config (its error, or why it failed)."""
+    try:
+        err = check(cfg)
+        us = time_graph(lambda i: fn(i, cfg), calls)
+    except Exception as exc:  # a tile the compiler rejects
+        rows.append({"case": case, "config": cfg, "error": str(exc)[:160]})
+        return 1e9
+    rows.append({"case": case, "config": cfg, "us": round(us, 2), "rel_err": err})
+    return us
+
+
+def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
+    """bf16 GEMV tiles at one decode row: qkv, o_proj, router, then the MoE's gate_up and down."""
+    rows = []
+    for name, n, k in [c for c in DENSE if c[0] in ("qkv_fused", "o_proj", "router")]:
+        w = torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16) * k**-0.5
+        x = torch.randn(1, k, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+        ws = [w] + [w.clone() for _ in range(copies_for(nbytes(w), l2) - 1)]
+        exact = F.linear(x.float(), w.float())
+        fn = lambda i, cfg: fg.gemv(x, ws[i % len(ws)], config=cfg)  # noqa: E731
+        check = lambda cfg: rel_err(fg.gemv(x, w, config=cfg), exact)  # noqa: E731
+        base = fg.gemv_config(1, n, k, 2)
+        tried = []
+        for bn, bk, warps in itertools.product((4, 8, 16), (128, 256), (1, 2, 4)):
+            cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            tried.append((_time_config(rows, name, fn, check, max(calls, len(ws)), cfg), cfg))
+        best_cfg = min(tried, key=lambda r: r[0])[1]
+        for stages in (2, 3, 6):
+            _time_config(rows, name, fn, check, max(calls, len(ws)), dict(best_cfg, num_stages=stages))
+        best = sorted((r for r in rows if r.get("case") == name and "us" in r), key=lambda r: r["us"])[:3]
+        print(json.dumps({"sweep_bf16": name, "default": base, "best": best}), flush=True)
+        del ws, w
+    gu = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) * HIDDEN**-0.5
+    dn = torch.randn(EXPERTS, HIDDEN, INTER, device=DEVICE, generator=gen, dtype=torch.bfloat16) * INTER**-0.5
+    x = torch.randn(1, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    routes = [(torch.softmax(torch.randn(1, TOP_K, device=DEVICE, generator=gen), -1).to(torch.bfloat16),
+               torch.randperm(EXPERTS, device=DEVICE, generator=gen)[:TOP_K][None]) for _ in range(calls)]
+    exact = moe_reference(x.float(), gu.float(), dn.float(), *routes[0])
+    fn = lambda i, cfg: fg.moe_gemv(x, gu, dn, *routes[i], config=cfg)  # noqa: E731
+    check = lambda cfg: rel_err(fg.moe_gemv(x, gu, dn, *routes[0], config=cfg), exact)  # noqa: E731
+    base = fg.moe_gemv_config(1, TOP_K, HIDDEN, INTER, 2)
+    tried = []
+    for bn, bk, w in itertools.product((4, 8, 16), (128, 256), (1, 2, 4)):  # gate_up, down at its default
+        cfg = dict(base, BLOCK_N_GU=bn, BLOCK_K_GU=bk, num_warps_gu=w)
+        tried.append((_time_config(rows, "moe", fn, check, calls, cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    tried = [(min(t[0] for t in tried), best_cfg)]
+    for bn, bk, w in itertools.product((4, 8, 16), (128, 256), (1, 2, 4)):  # down, gate_up at its best
+        cfg = dict(best_cfg, BLOCK_N_D=bn, BLOCK_K_D=bk, num_warps_d=w)
+        tried.append((_time_config(rows, "moe", fn, check, calls, cfg), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    for stages in (2, 3, 6):
+        _time_config(rows, "moe", fn, check, calls, dict(best_cfg, num_stages=stages))
+    best = sorted((r for r in rows if r.get("case") == "moe" and "us" in r), key=lambda r: r["us"])[:3]
+    print(json.dumps({"sweep_bf16": "moe", "default": base, "best": best}), flush=True)
+    return rows
+
+
 def summary(cases: list[dict]) -> dict:
     """Matmul time of one thinker decode token (M = 1) per method, from the cases: 48 layers of
     qkv (one GEMM / GEMV: the engine's fuse_qkv stacks float and quantized projections alike), o
@@ -290,7 +361,8 @@ def summary(cases: list[dict]) -> dict:
     q / k / v as three GEMMs (quantized projections were not stacked then)."""
     t = {(c["case"], c["method"], c["kernel"]): c["us"] for c in cases if c["rows"] == 1}
     out = {}
-    for method, dense_k, moe_k in (("bf16", "cublas", "fused_moe"), ("int4", "gemv", "gemv_moe"),
+    for method, dense_k, moe_k in (("bf16", "cublas", "fused_moe"), ("bf16 gemv", "gemv", "gemv_moe"),
+                                   ("int4", "gemv", "gemv_moe"),
                                    ("int8", "gemv", "gemv_moe"), ("fp8", "gemv", "gemv_moe"),
                                    ("int4 (before)", "tile_gemm (before)", "tile_fused_moe (before)")):
         m = method.split()[0]
@@ -301,6 +373,8 @@ def summary(cases: list[dict]) -> dict:
             else:
                 qkv = t[("qkv_fused", m, dense_k)]
                 head = t[("lm_head", "bf16", "cublas")] if m == "bf16" else t[("lm_head", "int8", "gemv")]
+                if method == "bf16 gemv":  # the engine keeps cuBLAS for the lm_head (one call a step)
+                    head = t[("lm_head", "bf16", "cublas")]
             layer = qkv + t[("o_proj", m, dense_k)] + t[("moe", m, moe_k)]
         except KeyError:
             continue
@@ -311,13 +385,18 @@ def summary(cases: list[dict]) -> dict:
 
 
 def main():
+    global METHODS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", type=int, nargs="*", default=[1], help="decode rows (tokens) per call, each <= 8")
     ap.add_argument("--calls", type=int, default=24, help="calls per captured graph")
     ap.add_argument("--sweep", action="store_true", help="also sweep the int4 GEMV tiles (a few more minutes)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: small shapes, Triton interpreter")
+    ap.add_argument("--methods", nargs="*", default=["int4", "int8", "fp8"],
+                    help="quantized methods besides bf16 (the flag alone: bf16 only)")
+    ap.add_argument("--sweep-bf16", action="store_true", help="also sweep the bf16 GEMV tiles")
     args = ap.parse_args()
+    METHODS = tuple(args.methods)
     if args.tiny:
         use_tiny_shapes()
         device_name, sms, l2 = "cpu (dry run)", 0, 64 * 2**10
@@ -335,6 +414,8 @@ def main():
                 cases += dense_cases(name, n, k, rows, l2, args.calls, gen)
             cases += moe_cases(rows, args.calls, gen)
         sweep_rows = sweep(l2, args.calls, gen) if args.sweep else None
+        if args.sweep_bf16:
+            sweep_rows = (sweep_rows or []) + sweep_bf16(l2, args.calls, gen)
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "device": device_name,

@@ -127,9 +127,11 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
-    MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel)."""
+    MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel), and the
+    float linears take GEMVs for the few rows of a decode step (kernels/gemv.py); the MoE kernel
+    is the fused grouped GEMM, GEMVs over the selected experts for a few tokens."""
+    from .kernels import gemv
     from .kernels.activation import silu_mul
-    from .kernels.fused_moe import fused_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
     from .kernels.router import softmax_topk
@@ -137,15 +139,18 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     for module in model.modules():
         if isinstance(module, SparseMoE):
             if moe:
-                module.experts_fn = fused_moe
+                module.experts_fn = gemv.experts
             if layers:
                 module.topk_fn = softmax_topk
+                module.linear_fn = gemv.linear
         elif layers and isinstance(module, RMSNorm):
             module.kernel, module.add_kernel = rms_norm, add_rms_norm
         elif layers and isinstance(module, Attention):
             module.qk_kernel = qk_norm_rope
+            module.linear_fn = gemv.linear
             fuse_qkv(module)
         elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
+            module.linear_fn = gemv.linear
             if fuse_gate_up(module):
                 module.act_mul_kernel = silu_mul
 
@@ -490,8 +495,9 @@ class Engine:
         return graphs
 
     # Prefill lengths that reach every fused-MoE tile config (kernels/fused_moe._pick_config) with
-    # both of Triton's integer specialisations (multiple of 16 or not)
-    WARMUP_PREFILL_LENS = (1, 2, 5, 16, 40, 64, 100, 160, 300, 512, 1000, 2048)
+    # both of Triton's integer specialisations (multiple of 16 or not), and the decode GEMVs' row
+    # counts (kernels/gemv.py: 1, 2, 3..4 and 5..8 rows compile apart)
+    WARMUP_PREFILL_LENS = (1, 2, 3, 5, 16, 40, 64, 100, 160, 300, 512, 1000, 2048)
 
     @torch.inference_mode()
     def warm_up_kernels(self, lengths=WARMUP_PREFILL_LENS) -> None:

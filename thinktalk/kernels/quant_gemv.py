@@ -150,26 +150,32 @@ if triton is not None:
             "row"    one scale block covers all of K (per channel): column 0
             "chunk"  a chunk is exactly one scale block (GK == SBK): columns k0 / GK + g
             "any"    column (k0 + g*GK) // SBK (ragged groups such as 48: correct, slower)
+            "none"   an unquantized weight (FMT "float"): no loads, a [1, 1] scale of 1 (a
+                     caller's factor, such as the MoE's routing weight, still rides on it)
         """
-        s_row = (offs_n // SBN)[:, None]
-        if SCALES == "row":
-            s_col = tl.zeros((1, 1), dtype=tl.int32)
-            s_ok = ok[:, None]
+        if SCALES == "none":
+            scale = tl.full((1, 1), 1.0, tl.float32)
+            zero = scale
         else:
-            kc = k0 + tl.arange(0, G) * GK
-            if SCALES == "chunk":
-                s_col = (k0 // GK + tl.arange(0, G))[None, :]
-            else:
-                s_col = (kc // SBK)[None, :]
-            if EVEN_K:
+            s_row = (offs_n // SBN)[:, None]
+            if SCALES == "row":
+                s_col = tl.zeros((1, 1), dtype=tl.int32)
                 s_ok = ok[:, None]
             else:
-                s_ok = ok[:, None] & (kc < K)[None, :]
-        scale = tl.load(s_ptr + s_row * stride_sn + s_col * stride_sk, mask=s_ok, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + s_row * stride_zn + s_col * stride_zk, mask=s_ok, other=0).to(tl.float32)
-        else:
-            zero = scale
+                kc = k0 + tl.arange(0, G) * GK
+                if SCALES == "chunk":
+                    s_col = (k0 // GK + tl.arange(0, G))[None, :]
+                else:
+                    s_col = (kc // SBK)[None, :]
+                if EVEN_K:
+                    s_ok = ok[:, None]
+                else:
+                    s_ok = ok[:, None] & (kc < K)[None, :]
+            scale = tl.load(s_ptr + s_row * stride_sn + s_col * stride_sk, mask=s_ok, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + s_row * stride_zn + s_col * stride_zk, mask=s_ok, other=0).to(tl.float32)
+            else:
+                zero = scale
         return scale, zero[:, :, None]
 
     @triton.jit
@@ -229,6 +235,12 @@ if triton is not None:
                 x1, x3 = tl.split(xb1)
                 prod = w0 * x0[None] + w1 * x1[None] + w2 * x2[None] + w3 * x3[None]
                 part = tl.sum(tl.sum(prod, axis=2) * scale, axis=1)
+                acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
+        elif FMT == "float":  # unquantized bf16 / fp16 / fp32 (kernels/gemv.py): one element a column
+            w = _load_packed(q_ptr, offs_n, n_ok, k0, KQ, stride_qn, stride_qk, 1, G, GK, EVEN_K).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                x = _load_x(x_ptr + m * stride_xm, k0, K, stride_xk, m < M, G, GK, EVEN_K)
+                part = tl.sum(tl.sum(w * x[None], axis=2) * scale, axis=1)
                 acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
         else:  # fp8: bytes (masked lanes 0 = +0.0), Triton's e4m3 conversion, even / odd columns
             GH: tl.constexpr = GK // 2

@@ -32,6 +32,9 @@ class Attention(nn.Module):
     # quantized projections: one QuantLinear over their stacked rows instead
     qkv_weight: torch.Tensor | None = None
     qkv_proj: nn.Module | None = None
+    # the product of the fused q/k/v weight and of a plain o_proj; the engine swaps in
+    # kernels/gemv.linear (GEMVs for the few rows of a decode step) on GPU
+    linear_fn = staticmethod(F.linear)
 
     def __init__(
         self,
@@ -64,7 +67,7 @@ class Attention(nn.Module):
         and values into its cache (`store_target`), then attends with `attend_stored`."""
         n = x.shape[0]
         if self.qkv_weight is not None or self.qkv_proj is not None:
-            qkv = F.linear(x, self.qkv_weight) if self.qkv_weight is not None else self.qkv_proj(x)
+            qkv = self.linear_fn(x, self.qkv_weight) if self.qkv_weight is not None else self.qkv_proj(x)
             q, k, v = qkv.split(
                 [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         else:
@@ -80,7 +83,10 @@ class Attention(nn.Module):
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """The per-token part after attention: attn [N, Hq, D] -> o_proj [N, hidden]."""
-        return self.o_proj(attn.reshape(attn.shape[0], self.num_heads * self.head_dim))
+        attn = attn.reshape(attn.shape[0], self.num_heads * self.head_dim)
+        if type(self.o_proj) is nn.Linear:  # not a QuantLinear
+            return self.linear_fn(attn, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(attn)
 
 
 def fuse_qkv(attn: Attention) -> bool:

@@ -21,6 +21,8 @@ class GatedMLP(nn.Module):
     gate_up_weight: torch.Tensor | None = None
     gate_up_proj: nn.Module | None = None  # quantized projections: one QuantLinear over both
     act_mul_kernel = staticmethod(silu_mul_reference)
+    # the fused gate/up product and a plain down_proj's; the engine swaps in kernels/gemv.linear
+    linear_fn = staticmethod(F.linear)
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
         super().__init__()
@@ -32,8 +34,11 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None or self.gate_up_proj is not None:
             x2 = x.reshape(-1, x.shape[-1])
-            gate_up = F.linear(x2, self.gate_up_weight) if self.gate_up_weight is not None else self.gate_up_proj(x2)
-            return self.down_proj(self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1))
+            gate_up = self.linear_fn(x2, self.gate_up_weight) if self.gate_up_weight is not None else self.gate_up_proj(x2)
+            h = self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1)
+            if type(self.down_proj) is nn.Linear:  # not a QuantLinear
+                return self.linear_fn(h, self.down_proj.weight, self.down_proj.bias)
+            return self.down_proj(h)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

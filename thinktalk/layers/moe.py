@@ -18,9 +18,10 @@ from ..kernels.router import softmax_topk_reference
 from .mlp import ACTIVATIONS, GatedMLP
 
 
-def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool, topk_fn=softmax_topk_reference):
+def route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalize: bool, topk_fn=softmax_topk_reference,
+          linear_fn=F.linear):
     """Softmax router: returns (top-k weights in hidden's dtype, top-k expert ids)."""
-    return topk_fn(F.linear(hidden, router_weight), top_k, normalize)
+    return topk_fn(linear_fn(hidden, router_weight), top_k, normalize)
 
 
 def moe_reference(
@@ -61,6 +62,7 @@ class SparseMoE(nn.Module):
     # Swapped by the engine for the fused Triton kernel on GPU; same signature as moe_reference.
     experts_fn = staticmethod(moe_reference)
     topk_fn = staticmethod(softmax_topk_reference)  # router softmax + top-k; Triton: kernels/router.py
+    linear_fn = staticmethod(F.linear)  # the router's product; GPU: kernels/gemv.linear
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class SparseMoE(nn.Module):
             self.shared_expert = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob, self.topk_fn)
+        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob, self.topk_fn, self.linear_fn)
         out = self.experts_fn(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.act)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

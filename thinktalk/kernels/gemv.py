@@ -1,0 +1,197 @@
+"""Decode GEMVs for unquantized (bf16 / fp16 / fp32) weights: dense linears and the fused MoE.
+
+A decode step of one to eight sequences multiplies a few rows by every weight once, so it is bound
+by reading the weights. cuBLAS handles these shapes with tensor-core tiles padded to 8..64 rows and
+split-K plus a reduction kernel for the narrow ones (the thinker's o_proj, 2048 x 4096: two
+launches, ~1.6 TB/s on an H100), and the grouped-GEMM fused MoE (fused_moe.py) pads each
+(token, slot) pair to a 16-row tile and sums the slots in a third kernel. The weight-only GEMVs of
+quant_gemv.py / quant_moe_gemv.py already stream a weight at the memory's speed for a few rows
+(one program per few output rows, the K loop pipelined, products summed on the CUDA cores in
+fp32); here they run with FMT "float" (the weight's elements read as they are, no scales):
+
+    gemv(x, weight, bias)                     x [M, K] @ weight[N, K]^T (+ bias), M <= 16
+    moe_gemv(hidden, gate_up, down, w, ids)   the signature of layers.moe.moe_reference: gate_up
+                                              writes SiLU(gate) * up per pair, down sums a token's
+                                              slots (routing-weighted, fixed order) in one kernel
+
+`linear` and `experts` are what the engine installs (`Attention.linear_fn`, `GatedMLP.linear_fn`,
+`SparseMoE.linear_fn` / `experts_fn`): the GEMVs up to GEMV_MAX_M rows / GEMV_MAX_TOKENS tokens,
+F.linear / the grouped fused MoE beyond. Pure-torch references with the same signatures:
+`gemv_reference` (F.linear) and `moe_reference`. Shapes alone decide every allocation and launch,
+so all of it is captured in the decode CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.moe import moe_reference
+from .common import available, triton
+from .fused_moe import fused_moe
+from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, MIN_PROGRAMS, _gemv_kernel, _split_sum_kernel, rows_per_program
+from .quant_moe_gemv import GEMV_MAX_TOKENS, _moe_down_gemv_kernel, _moe_gate_up_gemv_kernel
+
+__all__ = ["gemv", "gemv_reference", "moe_gemv", "moe_reference", "linear", "experts", "gemv_config",
+           "moe_gemv_config", "GEMV_MAX_M", "GEMV_MAX_TOKENS"]
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+gemv_reference = F.linear  # same signature and result (up to the order of fp32 sums)
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A float weight of x's dtype whose rows are contiguous, on a device the kernels run on."""
+    return (weight.dtype in FLOAT_DTYPES and x.dtype == weight.dtype and weight.stride(-1) == 1
+            and available(x.device))
+
+
+def step_columns(k: int, elem_bytes: int) -> int:
+    """BLOCK_K: 256 bytes of a row per step (16 lanes x 16-byte loads, as quant_gemv's int8 /
+    fp8 steps), preferably dividing K so no step is masked; ragged K: the whole step, masked."""
+    target = 256 // elem_bytes
+    bk = target
+    while bk >= 16:
+        if k % bk == 0:
+            return bk
+        bk //= 2
+    return min(target, max(16, triton.next_power_of_2(k)))
+
+
+def warps_for(block_n: int, block_k: int, elem_bytes: int) -> int:
+    """~32 bytes of weight per thread and step (two 128-bit loads)."""
+    return max(1, min(4, block_n * block_k * elem_bytes // (32 * 32)))
+
+
+def gemv_config(m: int, n: int, k: int, elem_bytes: int = 2) -> dict:
+    """Tiles for the Qwen3-Omni shapes (N = 128..151936, K = 768..4096): BLOCK_N rows per program
+    for >= MIN_PROGRAMS programs, split-K where N alone cannot fill the GPU (the router's 128
+    rows) and K has steps to spare (at least 4 per split)."""
+    block_k = step_columns(k, elem_bytes)
+    block_n = rows_per_program(1, n)
+    programs = -(-n // block_n)
+    steps = -(-k // block_k)
+    split = 1
+    while programs * split < MIN_PROGRAMS and steps // (2 * split) >= 4:
+        split *= 2
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps_for(block_n, block_k, elem_bytes),
+                num_stages=DEFAULT_STAGES)
+
+
+def _float_consts(k: int, block_k: int) -> dict:
+    """quant_gemv's chunk constexprs for an unquantized weight: one group of the whole step."""
+    return dict(FMT="float", HAS_ZERO=False, ZP=0, SBN=1, SBK=k, G=1, GK=block_k, SCALES="none",
+                EVEN_K=k % block_k == 0, ASM=False)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (M small) -> [M, N] in x's dtype; same arguments and result as F.linear."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if not gemv_supported(x, weight):
+        return F.linear(x, weight, bias)
+    if m > 16:
+        raise ValueError(f"gemv is for a few rows (decode), got {m}: use F.linear")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = config or gemv_config(m, n, k, weight.element_size())
+    block_k = cfg["BLOCK_K"]
+    steps = -(-k // block_k)
+    split = max(1, min(cfg.get("SPLIT_K", 1), steps))
+    steps_per_split = -(-steps // split)
+    split = -(-steps // steps_per_split)  # no empty splits
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        x, weight, weight, weight, bias if bias is not None else weight, target,
+        m, n, k, k, steps_per_split,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0, 0, 0, 0,
+        0 if split == 1 else target.stride(0), target.stride(-2), target.stride(-1),
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
+        **_float_consts(k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
+    )
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_sum_kernel[(m, triton.cdiv(n, block))](
+            target, bias if bias is not None else target, out, m, n, split,
+            target.stride(0), target.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, BLOCK=block,
+        )
+    return out
+
+
+def moe_gemv_config(tokens: int, top_k: int, hidden: int, inter: int, elem_bytes: int = 2) -> dict:
+    """gate_up: programs = pairs x I / BLOCK_N; down: tokens x H / BLOCK_N (see gemv_config)."""
+    bk_gu, bk_d = step_columns(hidden, elem_bytes), step_columns(inter, elem_bytes)
+    bn_gu = rows_per_program(tokens * top_k, inter)
+    bn_d = rows_per_program(tokens, hidden)
+    return dict(
+        BLOCK_N_GU=bn_gu, BLOCK_K_GU=bk_gu, num_warps_gu=warps_for(2 * bn_gu, bk_gu, elem_bytes),
+        BLOCK_N_D=bn_d, BLOCK_K_D=bk_d, num_warps_d=warps_for(bn_d, bk_d, elem_bytes), num_stages=DEFAULT_STAGES,
+    )
+
+
+def moe_gemv(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act=F.silu,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """hidden [N, H] (N small); gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_* [N, K] -> [N, H]."""
+    n, hidden_size = hidden.shape
+    inter = gate_up_proj.shape[1] // 2
+    if (act is not F.silu or not gemv_supported(hidden, gate_up_proj) or not gemv_supported(hidden, down_proj)):
+        return moe_reference(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
+    top_k = topk_ids.shape[1]
+    if n == 0:
+        return torch.zeros_like(hidden)
+    cfg = config or moe_gemv_config(n, top_k, hidden_size, inter, hidden.element_size())
+    stages = cfg.get("num_stages", DEFAULT_STAGES)
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    nk = ids.numel()
+
+    bk, bn = cfg["BLOCK_K_GU"], cfg["BLOCK_N_GU"]
+    inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
+    w = gate_up_proj
+    _moe_gate_up_gemv_kernel[(nk, triton.cdiv(inter, bn))](
+        hidden, w, w, w, ids, inter_act,
+        hidden_size, inter, hidden_size,
+        hidden.stride(0), hidden.stride(1), *w.stride(), 0, 0, 0, 0, 0, 0,
+        inter_act.stride(0), inter_act.stride(1),
+        **_float_consts(hidden_size, bk), TOP_K=top_k, BLOCK_N=bn, STAGES=stages, num_warps=cfg.get("num_warps_gu", 4),
+    )
+
+    bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
+    out = torch.empty(n, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    w = down_proj
+    _moe_down_gemv_kernel[(n, triton.cdiv(hidden_size, bn))](
+        inter_act, w, w, w, ids, weights, out,
+        hidden_size, inter, inter, triton.cdiv(inter, bk),
+        inter_act.stride(0), inter_act.stride(1), *w.stride(), 0, 0, 0, 0, 0, 0,
+        out.stride(0), out.stride(1),
+        **_float_consts(inter, bk), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
+        num_warps=cfg.get("num_warps_d", 4),
+    )
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for x [.., K], through `gemv` when x has at most GEMV_MAX_M rows."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= GEMV_MAX_M and gemv_supported(x, weight):
+        x2 = x.reshape(rows, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def experts(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act=F.silu) -> torch.Tensor:
+    """SparseMoE.experts_fn: `moe_gemv` for up to GEMV_MAX_TOKENS tokens, else fused_moe's grouped GEMM."""
+    if hidden.shape[0] <= GEMV_MAX_TOKENS:
+        return moe_gemv(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
+    return fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
