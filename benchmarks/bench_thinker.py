@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import subprocess
@@ -148,7 +149,8 @@ def bench_multimodal(engine: Engine, cfg, args) -> dict:
             "peak_gpu_gib": peak / 2**30,
             "kv_pool_gib": pool_bytes / 2**30,
             "peak_working_set_gib": (peak - pool_bytes + used) / 2**30,
-            "weights_gib": sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**30,
+            "weights_gib": sum(p.numel() * p.element_size()
+                               for p in itertools.chain(engine.model.parameters(), engine.model.buffers())) / 2**30,
         }
         print(json.dumps(res[f"video_{seconds}s_with_audio"]), flush=True)
     return res
@@ -159,8 +161,15 @@ def bench_thinktalk(args) -> dict:
     t = time.perf_counter()
     model = build_model(cfg, "cuda", torch.bfloat16, with_talker=False)
     randomize_(model, 0)
+    if args.quantization:  # module by module, in place (weights/quant.py's policy)
+        from thinktalk.weights.quant import quantize_model_
+
+        quantize_model_(model, args.quantization)
+        gc.collect()
+        torch.cuda.empty_cache()
     sync()
-    res = {"build_s": time.perf_counter() - t, "weights_gib": torch.cuda.memory_allocated() / 2**30}
+    res = {"build_s": time.perf_counter() - t, "weights_gib": torch.cuda.memory_allocated() / 2**30,
+           "quantization": args.quantization}
     econf = EngineConfig(**json.loads(args.engine_config))
     engine = Engine(model, eos_token_ids=[], config=econf)
     run_engine(engine, [text_request(64, 8)])  # warm-up (kernels, graphs)
@@ -233,13 +242,15 @@ def main():
     ap.add_argument("--video-seconds", type=int, nargs="*", default=[60, 120], help="omit the flag's values to skip")
     ap.add_argument("--hf-decode-len", type=int, default=32)
     ap.add_argument("--hf-concurrency", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--quantization", default=None, help="quantize thinktalk's weights after building: fp8 | int8 | int4 ...")
     args = ap.parse_args()
     result = {
         "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "model": "Qwen3-Omni-30B-A3B thinker, full-size random weights, bf16",
+        "model": "Qwen3-Omni-30B-A3B thinker, full-size random weights, "
+                 + (f"bf16 quantized to {args.quantization} (thinktalk only)" if args.quantization else "bf16"),
     }
     try:
         import triton
