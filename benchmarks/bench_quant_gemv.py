@@ -318,8 +318,9 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
         check = lambda cfg: rel_err(fg.gemv(x, w, config=cfg), exact)  # noqa: E731
         base = fg.gemv_config(1, n, k, 2)
         tried = []
-        for bn, bk, warps in itertools.product((4, 8, 16), (128, 256), (1, 2, 4)):
-            cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        splits = (1, 2, 4, 8) if n < 1024 else (1,)  # the router: split-K (+ a reduction kernel) or not
+        for bn, bk, warps, split in itertools.product((2, 4, 8, 16), (128, 256), (1, 2, 4), splits):
+            cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, SPLIT_K=split)
             tried.append((_time_config(rows, name, fn, check, max(calls, len(ws)), cfg), cfg))
         best_cfg = min(tried, key=lambda r: r[0])[1]
         for stages in (2, 3, 6):
