@@ -318,8 +318,9 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
         check = lambda cfg: rel_err(fg.gemv(x, w, config=cfg), exact)  # noqa: E731
         base = fg.gemv_config(1, n, k, 2)
         tried = []
-        splits = (1, 2, 4, 8) if n < 1024 else (1,)  # the router: split-K (+ a reduction kernel) or not
-        for bn, bk, warps, split in itertools.product((2, 4, 8, 16), (128, 256), (1, 2, 4), splits):
+        narrow = n < 1024  # the router: split-K (+ a reduction kernel) or not
+        for bn, bk, warps, split in itertools.product((2, 4, 8) if narrow else (4, 8, 16), (128, 256),
+                                                      (1, 2) if narrow else (1, 2, 4), (1, 4) if narrow else (1,)):
             cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, SPLIT_K=split)
             tried.append((_time_config(rows, name, fn, check, max(calls, len(ws)), cfg), cfg))
         best_cfg = min(tried, key=lambda r: r[0])[1]
@@ -338,7 +339,7 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
     check = lambda cfg: rel_err(fg.moe_gemv(x, gu, dn, *routes[0], config=cfg), exact)  # noqa: E731
     base = fg.moe_gemv_config(1, TOP_K, HIDDEN, INTER, 2)
     tried = []
-    for bn, bk, w in itertools.product((4, 8, 16), (128, 256), (1, 2, 4)):  # gate_up, down at its default
+    for bn, bk, w in itertools.product((4, 8, 16), (128, 256), (2, 4)):  # gate_up, down at its default
         cfg = dict(base, BLOCK_N_GU=bn, BLOCK_K_GU=bk, num_warps_gu=w)
         tried.append((_time_config(rows, "moe", fn, check, calls, cfg), cfg))
     best_cfg = min(tried, key=lambda r: r[0])[1]
