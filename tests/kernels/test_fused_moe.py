@@ -74,7 +74,10 @@ def test_moe_align_covers_every_pair_once(align):
     assert (expert_ids >= 0).sum() == 4  # experts 0, 1, 2, 3 each fit one block; expert 4 unused
 
 
-@pytest.mark.parametrize("n,experts,top_k,block_m", [(1, 8, 2, 16), (300, 128, 8, 16), (700, 16, 4, 64)])
+@pytest.mark.parametrize("n,experts,top_k,block_m", [
+    (1, 8, 2, 16), (64, 128, 8, 16), (128, 128, 8, 16),  # one program (up to ALIGN_ONE_PROGRAM pairs)
+    (129, 128, 8, 16), (300, 128, 8, 16), (700, 16, 4, 64),  # count / offsets / scatter kernels
+])
 def test_triton_align_equals_torch_align(n, experts, top_k, block_m):
     g = torch.Generator().manual_seed(n)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(n)])

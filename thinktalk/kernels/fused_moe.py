@@ -49,7 +49,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     expert_ids [P // block_m] int32: the expert of each block, -1 past the used blocks).
     P is a static upper bound, so shapes depend only on N*K, E and block_m. Three small Triton
     kernels where they can run (count per expert; prefix sums, block experts and padding; scatter
-    with an atomic cursor per expert, so pairs of one expert land in any order), else torch.
+    with an atomic cursor per expert, so pairs of one expert land in any order), else torch. Up to
+    ALIGN_ONE_PROGRAM pairs (a decode step of up to 128 sequences at top-8) the three steps run
+    in one program: no zeroed counts, two launches fewer.
     """
     if not available(topk_ids.device):
         return moe_align_torch(topk_ids, num_experts, block_m)
@@ -57,11 +59,18 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     ids = topk_ids.reshape(-1).to(torch.int32)
     nk = ids.numel()
     num_blocks = _align_shape(nk, num_experts, block_m)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     e_pad = triton.next_power_of_2(num_experts + 1)  # + a bin for masked-off lanes
+    if nk <= ALIGN_ONE_PROGRAM:
+        _align_one_program_kernel[(1,)](
+            ids, cursor, expert_ids, sorted_ids, nk, num_blocks,
+            NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(nk), BLOCKS=32,
+            ROWS=1024,
+        )
+        return sorted_ids, expert_ids
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     chunk = 1024
     grid = (triton.cdiv(nk, chunk),)
     _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk)
@@ -71,6 +80,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     )
     _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk)
     return sorted_ids, expert_ids
+
+
+# Pairs up to which moe_align is one program (one CTA holds them all in registers)
+ALIGN_ONE_PROGRAM = 1024
 
 
 def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -134,7 +147,13 @@ if triton is not None:
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         ends = tl.cumsum(padded, 0)
         tl.store(cursor_ptr + experts, ends - padded, mask=used)
-        total = tl.sum(padded, 0)
+        _align_block_experts(ends, used, tl.sum(padded, 0), expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
+                             BLOCK_M, BLOCKS, ROWS)
+
+    @triton.jit
+    def _align_block_experts(ends, used, total, expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
+                             BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr):
+        """Each block's expert (-1 past the used blocks) and every row set to the padding id nk."""
         for b0 in range(0, num_blocks, BLOCKS):
             blocks = b0 + tl.arange(0, BLOCKS)
             first_row = blocks * BLOCK_M
@@ -146,6 +165,28 @@ if triton is not None:
         for r0 in range(0, num_blocks * BLOCK_M, ROWS):
             rows = r0 + tl.arange(0, ROWS)
             tl.store(sorted_ids_ptr + rows, tl.full((ROWS,), 0, tl.int32) + nk, mask=rows < num_blocks * BLOCK_M)
+
+    @triton.jit
+    def _align_one_program_kernel(
+        ids_ptr, cursor_ptr, expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
+        NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr,
+        BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        """The three align kernels in one program, for up to PAIRS pairs: count, offsets, scatter."""
+        offs = tl.arange(0, PAIRS)
+        ok = offs < nk
+        ids = tl.load(ids_ptr + offs, mask=ok, other=NUM_EXPERTS)  # masked lanes: the spare bin
+        experts = tl.arange(0, E_PAD)
+        used = experts < NUM_EXPERTS
+        counts = tl.where(used, tl.histogram(ids, E_PAD), 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        tl.store(cursor_ptr + experts, ends - padded, mask=used)
+        _align_block_experts(ends, used, tl.sum(padded, 0), expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
+                             BLOCK_M, BLOCKS, ROWS)
+        tl.debug_barrier()  # the cursors and the padding rows are written before any pair lands
+        dest = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+        tl.store(sorted_ids_ptr + dest, offs, mask=ok)
 
     @triton.jit
     def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, nk, CHUNK: tl.constexpr):
