@@ -47,6 +47,7 @@ import logging
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from .decode_graphs import DecodeGraphs
 from .errors import ContextLengthError
@@ -93,6 +94,9 @@ class EngineConfig:
     # RMSNorm (+ residual add), q/k norm + rotary, router softmax + top-k: "torch" (reference) |
     # "triton" (one fused kernel each, kernels/rms_norm.py, rope.py, router.py) | "auto": triton on CUDA
     layer_kernels: str = "auto"
+    # the decode GEMVs (kernels/gemv.py) for linears of up to 8 rows and MoEs of up to 8 tokens
+    # where the Triton kernels are installed; False keeps cuBLAS / the grouped fused MoE there
+    decode_gemv: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -123,7 +127,7 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
     return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
 
 
-def use_triton_kernels(model, moe: bool, layers: bool) -> None:
+def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
@@ -132,25 +136,27 @@ def use_triton_kernels(model, moe: bool, layers: bool) -> None:
     is the fused grouped GEMM, GEMVs over the selected experts for a few tokens."""
     from .kernels import gemv
     from .kernels.activation import silu_mul
+    from .kernels.fused_moe import fused_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
     from .kernels.router import softmax_topk
 
+    linear = gemv.linear if decode_gemv else F.linear  # set either way: a model may serve several engines
     for module in model.modules():
         if isinstance(module, SparseMoE):
             if moe:
-                module.experts_fn = gemv.experts
+                module.experts_fn = gemv.experts if decode_gemv else fused_moe
             if layers:
                 module.topk_fn = softmax_topk
-                module.linear_fn = gemv.linear
+                module.linear_fn = linear
         elif layers and isinstance(module, RMSNorm):
             module.kernel, module.add_kernel = rms_norm, add_rms_norm
         elif layers and isinstance(module, Attention):
             module.qk_kernel = qk_norm_rope
-            module.linear_fn = gemv.linear
+            module.linear_fn = linear
             fuse_qkv(module)
         elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
-            module.linear_fn = gemv.linear
+            module.linear_fn = linear
             if fuse_gate_up(module):
                 module.act_mul_kernel = silu_mul
 
@@ -175,7 +181,8 @@ class Engine:
             moe_kernel=("triton" if on_cuda else "torch") if self.config.moe_kernel == "auto" else self.config.moe_kernel,
             layer_kernels=("triton" if on_cuda else "torch") if self.config.layer_kernels == "auto" else self.config.layer_kernels,
         )
-        use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton")
+        use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
+                           decode_gemv=self.config.decode_gemv)
         self.pool = self._make_pool()
         self.block_manager = self.pool.block_manager  # None on the contiguous path
         if self.block_manager is not None:  # a request must fit the whole cache

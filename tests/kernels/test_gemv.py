@@ -137,3 +137,29 @@ def test_dispatch_gemv_for_few_rows_only(monkeypatch):
         exact = moe_reference(x[:n].double(), gate_up.double(), down.double(), weights[:n].double(), ids[:n])
         assert _err(got, exact) < 1e-4
         assert calls == [expect]
+
+
+def test_engine_installs_the_gemvs_or_not():
+    """use_triton_kernels puts kernels/gemv.py's dispatchers into the modules (decode_gemv=True) or
+    F.linear / the grouped fused MoE (False, also undoing an earlier True); outputs match the
+    modules' torch reference for a few rows either way."""
+    from torch import nn
+
+    from thinktalk.engine import use_triton_kernels
+    from thinktalk.kernels.fused_moe import fused_moe
+    from thinktalk.layers.mlp import GatedMLP
+    from thinktalk.layers.moe import SparseMoE
+
+    torch.manual_seed(0)
+    model = nn.ModuleList([SparseMoE(32, 16, 4, 2, shared_expert_intermediate_size=16), GatedMLP(32, 48)])
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 32)
+    ref = [m(x) for m in model]
+    for on in (True, False):
+        use_triton_kernels(model, moe=True, layers=True, decode_gemv=on)
+        moe, mlp = model
+        assert moe.experts_fn is (gm.experts if on else fused_moe)
+        assert moe.linear_fn is mlp.linear_fn is (gm.linear if on else F.linear)
+        for m, r in zip(model, ref):
+            assert _err(m(x), r.double()) < 1e-5
