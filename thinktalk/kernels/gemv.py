@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..layers.moe import moe_reference
 from .common import available, triton
 from .fused_moe import fused_moe
-from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, MIN_PROGRAMS, _gemv_kernel, _split_sum_kernel, rows_per_program
+from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, _gemv_kernel, _split_sum_kernel, rows_per_program
 from .quant_moe_gemv import GEMV_MAX_TOKENS, _moe_down_gemv_kernel, _moe_gate_up_gemv_kernel
 
 __all__ = ["gemv", "gemv_reference", "moe_gemv", "moe_reference", "linear", "experts", "gemv_config",
@@ -46,10 +46,10 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and available(x.device))
 
 
-def step_columns(k: int, elem_bytes: int) -> int:
-    """BLOCK_K: 256 bytes of a row per step (16 lanes x 16-byte loads, as quant_gemv's int8 /
-    fp8 steps), preferably dividing K so no step is masked; ragged K: the whole step, masked."""
-    target = 256 // elem_bytes
+def step_columns(k: int, elem_bytes: int, row_bytes: int = 512) -> int:
+    """BLOCK_K: `row_bytes` of a row per step, preferably dividing K so no step is masked; ragged
+    K: the whole step, masked."""
+    target = row_bytes // elem_bytes
     bk = target
     while bk >= 16:
         if k % bk == 0:
@@ -58,24 +58,24 @@ def step_columns(k: int, elem_bytes: int) -> int:
     return min(target, max(16, triton.next_power_of_2(k)))
 
 
-def warps_for(block_n: int, block_k: int, elem_bytes: int) -> int:
-    """~32 bytes of weight per thread and step (two 128-bit loads)."""
-    return max(1, min(4, block_n * block_k * elem_bytes // (32 * 32)))
+def stages_for(programs: int) -> int:
+    """Steps in flight: deeper where few programs share the GPU (the router's 64, o_proj's 512)."""
+    return 6 if programs <= 512 else DEFAULT_STAGES
 
 
+# Tiles from `bench_quant_gemv.py --methods --sweep-bf16` on an H100 (gemv_sweep_h100.json), one
+# decode row, µs against cuBLAS / the fused MoE: q/k/v 5120 x 2048 (4 rows, 256 columns, 2 warps)
+# 8.96 vs 9.41; o_proj 2048 x 4096 (4, 256, 6 stages) 8.04 vs 10.65; router 128 x 2048 (2 rows, no
+# split-K: the split's reduction kernel cost more than it saved) 3.07 vs 5.2; MoE (gate_up 8 rows
+# of 128 columns, down 4 rows of 256) 29.9 vs 34.0. Narrow programs (4 rows, 512 bytes of each a
+# step) beat the quantized GEMVs' 16-row ones: more programs, each with fewer bytes in flight.
 def gemv_config(m: int, n: int, k: int, elem_bytes: int = 2) -> dict:
-    """Tiles for the Qwen3-Omni shapes (N = 128..151936, K = 768..4096): BLOCK_N rows per program
-    for >= MIN_PROGRAMS programs, split-K where N alone cannot fill the GPU (the router's 128
-    rows) and K has steps to spare (at least 4 per split)."""
-    block_k = step_columns(k, elem_bytes)
-    block_n = rows_per_program(1, n)
-    programs = -(-n // block_n)
-    steps = -(-k // block_k)
-    split = 1
-    while programs * split < MIN_PROGRAMS and steps // (2 * split) >= 4:
-        split *= 2
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps_for(block_n, block_k, elem_bytes),
-                num_stages=DEFAULT_STAGES)
+    """Tiles for the Qwen3-Omni shapes (N = 128..151936, K = 768..4096): 4 rows per program (2
+    where 4 leave under quant_gemv.MIN_PROGRAMS programs), 512 bytes of each row a step, no split-K
+    (`gemv` still takes a SPLIT_K config)."""
+    block_n = rows_per_program(1, n, most=4)
+    return dict(BLOCK_N=block_n, BLOCK_K=step_columns(k, elem_bytes), SPLIT_K=1, num_warps=2,
+                num_stages=stages_for(-(-n // block_n)))
 
 
 def _float_consts(k: int, block_k: int) -> dict:
@@ -121,13 +121,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def moe_gemv_config(tokens: int, top_k: int, hidden: int, inter: int, elem_bytes: int = 2) -> dict:
-    """gate_up: programs = pairs x I / BLOCK_N; down: tokens x H / BLOCK_N (see gemv_config)."""
-    bk_gu, bk_d = step_columns(hidden, elem_bytes), step_columns(inter, elem_bytes)
-    bn_gu = rows_per_program(tokens * top_k, inter)
-    bn_d = rows_per_program(tokens, hidden)
+    """gate_up: programs = pairs x I / BLOCK_N, each reading BLOCK_N gate and BLOCK_N up rows of
+    256 bytes a step; down: tokens x H / BLOCK_N, 512 bytes a step (see gemv_config)."""
     return dict(
-        BLOCK_N_GU=bn_gu, BLOCK_K_GU=bk_gu, num_warps_gu=warps_for(2 * bn_gu, bk_gu, elem_bytes),
-        BLOCK_N_D=bn_d, BLOCK_K_D=bk_d, num_warps_d=warps_for(bn_d, bk_d, elem_bytes), num_stages=DEFAULT_STAGES,
+        BLOCK_N_GU=rows_per_program(tokens * top_k, inter, most=8), BLOCK_K_GU=step_columns(hidden, elem_bytes, 256),
+        num_warps_gu=2, BLOCK_N_D=rows_per_program(tokens, hidden, most=4), BLOCK_K_D=step_columns(inter, elem_bytes),
+        num_warps_d=2, num_stages=DEFAULT_STAGES,
     )
 
 
