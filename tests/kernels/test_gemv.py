@@ -126,13 +126,15 @@ def test_dispatch_gemv_for_few_rows_only(monkeypatch):
     monkeypatch.setattr(gm, "moe_gemv", lambda *a, **k: calls.append("moe_gemv") or real_moe_gemv(*a, **k))
     monkeypatch.setattr(gm, "fused_moe", lambda *a, **k: calls.append("fused_moe") or real_fused(*a, **k))
     g = torch.Generator().manual_seed(11)
-    w = torch.randn(24, 32, generator=g)
-    for rows, expect in ((1, "gemv"), (gm.GEMV_MAX_M, "gemv"), (gm.GEMV_MAX_M + 1, None)):
+    narrow = torch.randn(24, 32, generator=g)
+    wide = torch.randn(gm.NARROW_N + 8, 32, generator=g)
+    for w, rows, expect in ((narrow, 1, "gemv"), (narrow, gm.GEMV_MAX_M, "gemv"), (narrow, gm.GEMV_MAX_M + 1, None),
+                            (wide, gm.GEMV_MAX_ROWS_WIDE, "gemv"), (wide, gm.GEMV_MAX_ROWS_WIDE + 1, None)):
         calls.clear()
         x = torch.randn(1, rows, 32, generator=g)  # leading dims kept
         got = gm.linear(x, w)
-        assert got.shape == (1, rows, 24)
-        assert _err(got, F.linear(x.double(), w.double())) < 1e-5
+        assert got.shape == (1, rows, w.shape[0])
+        assert _err(got, F.linear(x.double(), w.double())) < 1e-4
         assert calls == ([expect] if expect else [])
     x, gate_up, down, weights, ids = _moe_inputs(gm.GEMV_MAX_TOKENS + 1, 32, 16, 4, 2, seed=12)
     for n, expect in ((2, "moe_gemv"), (gm.GEMV_MAX_TOKENS + 1, "fused_moe")):

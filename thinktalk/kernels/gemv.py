@@ -15,8 +15,8 @@ fp32); here they run with FMT "float" (the weight's elements read as they are, n
                                               slots (routing-weighted, fixed order) in one kernel
 
 `linear` and `experts` are what the engine installs (`Attention.linear_fn`, `GatedMLP.linear_fn`,
-`SparseMoE.linear_fn` / `experts_fn`): the GEMVs up to GEMV_MAX_M rows / GEMV_MAX_TOKENS tokens,
-F.linear / the grouped fused MoE beyond. Pure-torch references with the same signatures:
+`SparseMoE.linear_fn` / `experts_fn`): the GEMVs up to 2 rows (8 for a narrow weight such as the
+router's) / GEMV_MAX_TOKENS tokens, F.linear / the grouped fused MoE beyond. Pure-torch references with the same signatures:
 `gemv_reference` (F.linear) and `moe_reference`. Shapes alone decide every allocation and launch,
 so all of it is captured in the decode CUDA graphs.
 """
@@ -178,10 +178,20 @@ def moe_gemv(
     return out
 
 
+# Rows up to which `linear` takes the GEMV (bench_quant_gemv --rows, gemv_rows_h100.json, µs
+# GEMV / cuBLAS): a wide weight (q/k/v 5120 x 2048, o_proj 2048 x 4096) wins at 1-2 rows (q/k/v
+# 9.1 / 9.6, 9.6 / 9.6; o_proj 8.1 / 10.8, 8.4 / 10.8), ties or loses from 4 (q/k/v 11.8 / 10.3,
+# at 8 18.3 / 10.4: every row multiplies on the CUDA cores); a narrow one (N <= NARROW_N: the
+# router, k/v) wins up to 8 (router 4.6 / 5.2 at 8 rows).
+GEMV_MAX_ROWS_WIDE = 2
+NARROW_N = 1024
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for x [.., K], through `gemv` when x has at most GEMV_MAX_M rows."""
+    """F.linear for x [.., K], through `gemv` for the few rows where it beats cuBLAS (above)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= GEMV_MAX_M and gemv_supported(x, weight):
+    most = GEMV_MAX_M if weight.shape[0] <= NARROW_N else GEMV_MAX_ROWS_WIDE
+    if 0 < rows <= most and gemv_supported(x, weight):
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
