@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from ..layers.moe import moe_reference
 from .common import available, triton
 from .fused_moe import fused_moe
-from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, _gemv_kernel, _split_sum_kernel, rows_per_program
-from .quant_moe_gemv import GEMV_MAX_TOKENS, _moe_down_gemv_kernel, _moe_gate_up_gemv_kernel
+from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, _gemv_kernel, _split_sum_kernel, columns_per_step, rows_per_program
+from .quant_moe_gemv import GEMV_MAX_TOKENS, run_moe_gemv
 
 __all__ = ["gemv", "gemv_reference", "moe_gemv", "moe_reference", "linear", "experts", "gemv_config",
            "moe_gemv_config", "GEMV_MAX_M", "GEMV_MAX_TOKENS"]
@@ -49,13 +49,7 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def step_columns(k: int, elem_bytes: int, row_bytes: int = 512) -> int:
     """BLOCK_K: `row_bytes` of a row per step, preferably dividing K so no step is masked; ragged
     K: the whole step, masked."""
-    target = row_bytes // elem_bytes
-    bk = target
-    while bk >= 16:
-        if k % bk == 0:
-            return bk
-        bk //= 2
-    return min(target, max(16, triton.next_power_of_2(k)))
+    return columns_per_step(k, row_bytes // elem_bytes, least=16)
 
 
 def stages_for(programs: int) -> int:
@@ -148,34 +142,13 @@ def moe_gemv(
     if n == 0:
         return torch.zeros_like(hidden)
     cfg = config or moe_gemv_config(n, top_k, hidden_size, inter, hidden.element_size())
-    stages = cfg.get("num_stages", DEFAULT_STAGES)
-    ids = topk_ids.reshape(-1).contiguous()
-    weights = topk_weights.reshape(-1).contiguous()
-    nk = ids.numel()
+    return run_moe_gemv(hidden, topk_weights, topk_ids, inter, cfg, _float_args(gate_up_proj), _float_args(down_proj))
 
-    bk, bn = cfg["BLOCK_K_GU"], cfg["BLOCK_N_GU"]
-    inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
-    w = gate_up_proj
-    _moe_gate_up_gemv_kernel[(nk, triton.cdiv(inter, bn))](
-        hidden, w, w, w, ids, inter_act,
-        hidden_size, inter, hidden_size,
-        hidden.stride(0), hidden.stride(1), *w.stride(), 0, 0, 0, 0, 0, 0,
-        inter_act.stride(0), inter_act.stride(1),
-        **_float_consts(hidden_size, bk), TOP_K=top_k, BLOCK_N=bn, STAGES=stages, num_warps=cfg.get("num_warps_gu", 4),
-    )
 
-    bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
-    out = torch.empty(n, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    w = down_proj
-    _moe_down_gemv_kernel[(n, triton.cdiv(hidden_size, bn))](
-        inter_act, w, w, w, ids, weights, out,
-        hidden_size, inter, inter, triton.cdiv(inter, bk),
-        inter_act.stride(0), inter_act.stride(1), *w.stride(), 0, 0, 0, 0, 0, 0,
-        out.stride(0), out.stride(1),
-        **_float_consts(inter, bk), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
-        num_warps=cfg.get("num_warps_d", 4),
-    )
-    return out
+def _float_args(w: torch.Tensor):
+    """run_moe_gemv's view of stacked float experts [E, N, K]: the weight, no scales."""
+    k = w.shape[-1]
+    return lambda block_k: ((w, w, w), (*w.stride(), 0, 0, 0, 0, 0, 0), k, _float_consts(k, block_k))
 
 
 # Rows up to which `linear` takes the GEMV (bench_quant_gemv --rows, gemv_rows_h100.json, µs

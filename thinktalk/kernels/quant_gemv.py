@@ -360,9 +360,14 @@ def step_columns(k: int, method: str) -> int:
     """BLOCK_K: ~256 bytes of a row per step (16 lanes x 16-byte loads), preferably dividing K
     (no masks along K: K = 768 at int4 takes 256 columns in three full steps); ragged K: the
     whole step size, masked."""
-    target = 512 if method == "int4" else 256
+    return columns_per_step(k, 512 if method == "int4" else 256, least=64)
+
+
+def columns_per_step(k: int, target: int, least: int) -> int:
+    """The largest power of two from `target` down to `least` dividing K (no masked step); else
+    `target` (at most K's next power of two), the last step masked."""
     bk = target
-    while bk >= 64:
+    while bk >= least:
         if k % bk == 0:
             return bk
         bk //= 2

@@ -191,6 +191,26 @@ def quant_moe_gemv(
     if n == 0:
         return torch.zeros_like(hidden)
     cfg = config or moe_gemv_config(n, top_k, hidden_size, inter, gate_up.fmt.method)
+    return run_moe_gemv(hidden, topk_weights, topk_ids, inter, cfg, _quant_args(gate_up, hidden_size),
+                        _quant_args(down, inter))
+
+
+def _quant_args(w, k: int):
+    """run_moe_gemv's view of stacked quantized experts with K = k input columns."""
+    def args(block_k: int):
+        ptrs, strides, consts = expert_weight_args(w, lambda q: packed_words(q, w.fmt))
+        return ptrs, strides, ptrs[0].shape[-1], {**consts, **chunk_consts(w.fmt, k, block_k)}
+    return args
+
+
+def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, cfg: dict,
+                 gate_up_args, down_args) -> torch.Tensor:
+    """The two kernels for hidden [N, H] -> [N, H] (N > 0). gate_up_args / down_args(block_k):
+    the stacked weight as the kernels read it in steps of block_k columns: (weight, scale, zero)
+    pointers, their nine [E, N, K] strides, stored elements per row, and the format's and the
+    chunk's constexprs (quantized here, unquantized in kernels/gemv.py)."""
+    n, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
     stages = cfg.get("num_stages", DEFAULT_STAGES)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
@@ -198,24 +218,22 @@ def quant_moe_gemv(
 
     bk, bn = cfg["BLOCK_K_GU"], cfg["BLOCK_N_GU"]
     inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
-    ptrs, strides, consts = expert_weight_args(gate_up, lambda q: packed_words(q, gate_up.fmt))
+    ptrs, strides, stored_k, consts = gate_up_args(bk)
     _moe_gate_up_gemv_kernel[(nk, triton.cdiv(inter, bn))](
         hidden, *ptrs, ids, inter_act,
-        hidden_size, inter, ptrs[0].shape[-1],
+        hidden_size, inter, stored_k,
         hidden.stride(0), hidden.stride(1), *strides, inter_act.stride(0), inter_act.stride(1),
-        **consts, **chunk_consts(gate_up.fmt, hidden_size, bk), TOP_K=top_k, BLOCK_N=bn, STAGES=stages,
-        num_warps=cfg.get("num_warps_gu", 4),
+        **consts, TOP_K=top_k, BLOCK_N=bn, STAGES=stages, num_warps=cfg.get("num_warps_gu", 4),
     )
 
     bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
     out = torch.empty(n, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    ptrs, strides, consts = expert_weight_args(down, lambda q: packed_words(q, down.fmt))
+    ptrs, strides, stored_k, consts = down_args(bk)
     _moe_down_gemv_kernel[(n, triton.cdiv(hidden_size, bn))](
         inter_act, *ptrs, ids, weights, out,
-        hidden_size, inter, ptrs[0].shape[-1], triton.cdiv(inter, bk),
+        hidden_size, inter, stored_k, triton.cdiv(inter, bk),
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
-        **consts, **chunk_consts(down.fmt, inter, bk), TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k),
-        BLOCK_N=bn, STAGES=stages,
+        **consts, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
         num_warps=cfg.get("num_warps_d", 4),
     )
     return out
