@@ -16,9 +16,9 @@ fp32); here they run with FMT "float" (the weight's elements read as they are, n
 
 `linear` and `experts` are what the engine installs (`Attention.linear_fn`, `GatedMLP.linear_fn`,
 `SparseMoE.linear_fn` / `experts_fn`): the GEMVs up to 2 rows (8 for a narrow weight such as the
-router's) / GEMV_MAX_TOKENS tokens, F.linear / the grouped fused MoE beyond. Pure-torch references with the same signatures:
-`gemv_reference` (F.linear) and `moe_reference`. Shapes alone decide every allocation and launch,
-so all of it is captured in the decode CUDA graphs.
+router's) / GEMV_MAX_TOKENS tokens, F.linear / the grouped fused MoE beyond. Pure-torch
+references with the same signatures: `gemv_reference` (F.linear) and `moe_reference`. Shapes alone
+decide every allocation and launch, so all of it is captured in the decode CUDA graphs.
 """
 
 from __future__ import annotations
