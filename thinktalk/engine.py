@@ -94,8 +94,9 @@ class EngineConfig:
     # RMSNorm (+ residual add), q/k norm + rotary, router softmax + top-k: "torch" (reference) |
     # "triton" (one fused kernel each, kernels/rms_norm.py, rope.py, router.py) | "auto": triton on CUDA
     layer_kernels: str = "auto"
-    # the decode GEMVs (kernels/gemv.py) for linears of up to 8 rows and MoEs of up to 8 tokens
-    # where the Triton kernels are installed; False keeps cuBLAS / the grouped fused MoE there
+    # the decode GEMVs (kernels/gemv.py: linears of up to 2 rows, 8 for narrow weights such as the
+    # router; MoEs of up to 8 tokens) where the Triton kernels are installed; False keeps cuBLAS /
+    # the grouped fused MoE there
     decode_gemv: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.

@@ -2,7 +2,7 @@
 the MoE reference; and the dispatch the engine installs (GEMVs for a few rows, the rest unchanged).
 
 Shapes are small and off the tiles on purpose: N off the rows per program (masked rows), K off
-the step (masked columns), a router-like narrow N that takes split-K.
+the step (masked columns), explicit split-K tiles.
 """
 
 import os
@@ -12,10 +12,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_synth import random_moe
 
 from thinktalk.kernels import gemv as gm
 from thinktalk.kernels.common import interpreting
-from thinktalk.layers.moe import moe_reference, route
+from thinktalk.layers.moe import moe_reference
 
 pytestmark = [
     pytest.mark.skipif(gm.triton is None, reason="triton is not installed"),
@@ -76,21 +77,15 @@ def test_default_tiles_are_the_measured_ones():
     assert pick[(128, 2048)] == dict(BLOCK_N=2, BLOCK_K=256, SPLIT_K=1, num_warps=2, num_stages=6)
     assert gm.moe_gemv_config(1, 8, 2048, 768, 2) == dict(
         BLOCK_N_GU=8, BLOCK_K_GU=128, num_warps_gu=2, BLOCK_N_D=4, BLOCK_K_D=256, num_warps_d=2, num_stages=4)
-    assert gm.gemv_config(1, 151936, 2048, 2)["BLOCK_K"] == 256 and gm.gemv_config(1, 24, 40, 4)["BLOCK_K"] == 64  # ragged K: one masked step
+    assert gm.gemv_config(1, 151936, 2048, 2)["BLOCK_K"] == 256
+    assert gm.gemv_config(1, 24, 40, 4)["BLOCK_K"] == 64  # ragged K: one masked step
 
 
-def _moe_inputs(n, hidden, inter, experts, top_k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, hidden, generator=g)
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) * hidden**-0.5
-    down = torch.randn(experts, hidden, inter, generator=g) * inter**-0.5
-    weights, ids = route(x, torch.randn(experts, hidden, generator=g), top_k, normalize=True)
-    return x, gate_up, down, weights, ids
 
 
 @pytest.mark.parametrize("n,top_k", [(1, 3), (3, 2), (5, 4)])
 def test_moe_gemv_matches_reference(n, top_k):
-    x, gate_up, down, weights, ids = _moe_inputs(n, 64, 40, 6, top_k, seed=n)  # I = 40: down's K step masked
+    x, gate_up, down, weights, ids = random_moe(n, 64, 40, 6, top_k, seed=n)  # I = 40: down's K step masked
     exact = moe_reference(x.double(), gate_up.double(), down.double(), weights.double(), ids)
     got = gm.moe_gemv(x, gate_up, down, weights, ids)
     assert got.dtype == x.dtype and got.shape == x.shape
@@ -99,7 +94,7 @@ def test_moe_gemv_matches_reference(n, top_k):
 
 def test_moe_gemv_bf16_and_shared_experts():
     """Tokens picking the same experts, bf16 weights: within twice the reference's own rounding."""
-    x, gate_up, down, weights, ids = _moe_inputs(4, 64, 32, 4, 2, seed=7)
+    x, gate_up, down, weights, ids = random_moe(4, 64, 32, 4, 2, seed=7)
     ids = torch.tensor([[0, 1], [1, 0], [2, 1], [1, 3]])
     exact = moe_reference(x.double(), gate_up.double(), down.double(), weights.double(), ids)
     bf = [t.to(torch.bfloat16) for t in (x, gate_up, down, weights)]
@@ -110,7 +105,7 @@ def test_moe_gemv_bf16_and_shared_experts():
 
 
 def test_moe_gemv_explicit_tiles():
-    x, gate_up, down, weights, ids = _moe_inputs(2, 64, 48, 5, 2, seed=9)
+    x, gate_up, down, weights, ids = random_moe(2, 64, 48, 5, 2, seed=9)
     exact = moe_reference(x.double(), gate_up.double(), down.double(), weights.double(), ids)
     for cfg in (dict(BLOCK_N_GU=2, BLOCK_K_GU=64, num_warps_gu=1, BLOCK_N_D=16, BLOCK_K_D=16, num_warps_d=2, num_stages=1),
                 dict(BLOCK_N_GU=16, BLOCK_K_GU=32, num_warps_gu=4, BLOCK_N_D=4, BLOCK_K_D=64, num_warps_d=1, num_stages=3)):
@@ -136,7 +131,7 @@ def test_dispatch_gemv_for_few_rows_only(monkeypatch):
         assert got.shape == (1, rows, w.shape[0])
         assert _err(got, F.linear(x.double(), w.double())) < 1e-4
         assert calls == ([expect] if expect else [])
-    x, gate_up, down, weights, ids = _moe_inputs(gm.GEMV_MAX_TOKENS + 1, 32, 16, 4, 2, seed=12)
+    x, gate_up, down, weights, ids = random_moe(gm.GEMV_MAX_TOKENS + 1, 32, 16, 4, 2, seed=12)
     for n, expect in ((2, "moe_gemv"), (gm.GEMV_MAX_TOKENS + 1, "fused_moe")):
         calls.clear()
         got = gm.experts(x[:n], gate_up, down, weights[:n], ids[:n])

@@ -11,12 +11,13 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_synth import random_moe
 
 from thinktalk.kernels import quant_moe_gemv as mg
 from thinktalk.kernels.common import interpreting
 from thinktalk.kernels.quant_format import quantize, resolve_format
 from thinktalk.kernels.quant_moe import QuantTensor, quant_moe_reference
-from thinktalk.layers.moe import moe_reference, route
+from thinktalk.layers.moe import moe_reference
 
 pytestmark = [
     pytest.mark.skipif(mg.triton is None, reason="triton is not installed"),
@@ -24,13 +25,6 @@ pytestmark = [
 ]
 
 
-def _inputs(n, hidden, inter, experts, top_k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, hidden, generator=g)
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) * hidden**-0.5
-    down = torch.randn(experts, hidden, inter, generator=g) * inter**-0.5
-    weights, ids = route(x, torch.randn(experts, hidden, generator=g), top_k, normalize=True)
-    return x, gate_up, down, weights, ids
 
 
 def _q(w, method, group, sym, block, dtype=torch.float32):
@@ -46,7 +40,7 @@ def _q(w, method, group, sym, block, dtype=torch.float32):
 )
 @pytest.mark.parametrize("n,top_k", [(1, 3), (3, 2)])
 def test_moe_gemv_matches_reference(method, group, sym, block, n, top_k):
-    x, gate_up, down, weights, ids = _inputs(n, 64, 40, 6, top_k)  # I = 40: K steps of down masked
+    x, gate_up, down, weights, ids = random_moe(n, 64, 40, 6, top_k)  # I = 40: K steps of down masked
     a, b = _q(gate_up, method, group, sym, block), _q(down, method, group, sym, block)
     assert mg.moe_gemv_supported(a, b)
     exact = quant_moe_reference(x.double(), a, b, weights.double(), ids)
@@ -59,7 +53,7 @@ def test_moe_gemv_matches_reference(method, group, sym, block, n, top_k):
 
 @pytest.mark.parametrize("method,dtype", [("int4", torch.bfloat16), ("int8", torch.float16), ("fp8", torch.bfloat16)])
 def test_moe_gemv_half_precision(method, dtype):
-    x, gate_up, down, weights, ids = _inputs(3, 64, 32, 5, 2, seed=4)
+    x, gate_up, down, weights, ids = random_moe(3, 64, 32, 5, 2, seed=4)
     a = _q(gate_up, method, 32 if method != "fp8" else None, True, None, dtype)
     b = _q(down, method, 32 if method != "fp8" else None, True, None, dtype)
     exact = quant_moe_reference(x.double(), a, b, weights.double(), ids)
@@ -77,7 +71,7 @@ def test_moe_gemv_half_precision(method, dtype):
 
 def test_moe_gemv_shared_experts_and_configs():
     """Tokens that pick the same experts (each pair still reads its own), explicit tiles."""
-    x, gate_up, down, weights, ids = _inputs(4, 64, 48, 4, 2, seed=2)
+    x, gate_up, down, weights, ids = random_moe(4, 64, 48, 4, 2, seed=2)
     ids = torch.tensor([[0, 1], [1, 0], [2, 1], [1, 3]])
     a, b = _q(gate_up, "int4", 16, False, None), _q(down, "int4", 16, True, None)
     exact = quant_moe_reference(x.double(), a, b, weights.double(), ids)
@@ -101,7 +95,7 @@ def test_moe_gemv_default_config_fills_the_gpu():
 
 
 def test_non_silu_falls_back_to_reference():
-    x, gate_up, down, weights, ids = _inputs(2, 32, 16, 4, 2)
+    x, gate_up, down, weights, ids = random_moe(2, 32, 16, 4, 2)
     a, b = _q(gate_up, "int8", None, True, None), _q(down, "int8", None, True, None)
     got = mg.quant_moe_gemv(x, a, b, weights, ids, act=F.gelu)
     assert torch.allclose(got, quant_moe_reference(x, a, b, weights, ids, F.gelu))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.rope import qk_norm_rope_reference
-from .quant_linear import stack_linears
+from .quant_linear import apply_linear, stack_linears
 from .norm import RMSNorm
 
 
@@ -83,10 +83,7 @@ class Attention(nn.Module):
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """The per-token part after attention: attn [N, Hq, D] -> o_proj [N, hidden]."""
-        attn = attn.reshape(attn.shape[0], self.num_heads * self.head_dim)
-        if type(self.o_proj) is nn.Linear:  # not a QuantLinear
-            return self.linear_fn(attn, self.o_proj.weight, self.o_proj.bias)
-        return self.o_proj(attn)
+        return apply_linear(self.o_proj, attn.reshape(attn.shape[0], self.num_heads * self.head_dim), self.linear_fn)
 
 
 def fuse_qkv(attn: Attention) -> bool:

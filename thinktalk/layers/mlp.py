@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.activation import silu_mul_reference
-from .quant_linear import stack_linears
+from .quant_linear import apply_linear, stack_linears
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -35,10 +35,7 @@ class GatedMLP(nn.Module):
         if self.gate_up_weight is not None or self.gate_up_proj is not None:
             x2 = x.reshape(-1, x.shape[-1])
             gate_up = self.linear_fn(x2, self.gate_up_weight) if self.gate_up_weight is not None else self.gate_up_proj(x2)
-            h = self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1)
-            if type(self.down_proj) is nn.Linear:  # not a QuantLinear
-                return self.linear_fn(h, self.down_proj.weight, self.down_proj.bias)
-            return self.down_proj(h)
+            return apply_linear(self.down_proj, self.act_mul_kernel(gate_up).view(*x.shape[:-1], -1), self.linear_fn)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -225,6 +225,14 @@ def stack_quant_linears(linears) -> "QuantLinear | None":
     return stack
 
 
+def apply_linear(module: nn.Module, x: torch.Tensor, linear_fn) -> torch.Tensor:
+    """module(x), a plain nn.Linear's product through `linear_fn` (F.linear's signature: the
+    engine's decode GEMVs, kernels/gemv.py); any other module (a QuantLinear) is called."""
+    if type(module) is nn.Linear:
+        return linear_fn(x, module.weight, module.bias)
+    return module(x)
+
+
 @torch.no_grad()
 def stack_linears(linears) -> "torch.Tensor | QuantLinear | None":
     """Several bias-free projections of the same input as one product, their outputs side by side
