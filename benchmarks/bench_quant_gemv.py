@@ -230,16 +230,9 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
         copies = [(q, s, z)] + [(q.clone(), s.clone(), None) for _ in range(copies_for(nbytes(q, s), l2) - 1)]
         exact = qg.quant_matmul_reference(x.float(), q, s, z, fmt)
         def run(cfg):
-            try:
-                err = rel_err(gv.quant_gemv(x, q, s, z, fmt, config=cfg), exact)
-                us = time_graph(lambda i: gv.quant_gemv(x, *copies[i % len(copies)], fmt, config=cfg),
-                                max(calls, len(copies)))
-            except Exception as exc:  # a tile the compiler rejects
-                rows.append({"case": name, "config": cfg, "error": str(exc)[:160]})
-                return 1e9
-            rows.append({"case": name, "config": cfg, "us": round(us, 2), "gb_s": round(nbytes(q, s) / us / 1e3, 1),
-                         "rel_err": err})
-            return us
+            return _time_config(rows, name, lambda i, c: gv.quant_gemv(x, *copies[i % len(copies)], fmt, config=c),
+                                lambda c: rel_err(gv.quant_gemv(x, q, s, z, fmt, config=c), exact),
+                                max(calls, len(copies)), cfg, read_bytes=nbytes(q, s))
 
         # tiles at 3 stages, then the pipeline depth of the best tile
         tried = []
@@ -251,7 +244,7 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
         best_cfg = min(tried, key=lambda r: r[0])[1]
         for stages in (2, 4, 6):
             run(dict(best_cfg, num_stages=stages))
-        best = sorted((r for r in rows if r.get("case") == name and "us" in r), key=lambda r: r["us"])[:3]
+        best = _best(rows, name)
         print(json.dumps({"sweep": name, "default": gv.gemv_config(1, n, k, fmt), "best": best}), flush=True)
         del copies, q, s, z, w
     gu = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) * HIDDEN**-0.5
@@ -267,14 +260,8 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
     base = mg.moe_gemv_config(1, TOP_K, HIDDEN, INTER, "int4")
 
     def run(cfg):
-        try:
-            err = rel_err(mg.quant_moe_gemv(x, a, b, *routes[0], config=cfg), exact)
-            us = time_graph(lambda i: mg.quant_moe_gemv(x, a, b, *routes[i], config=cfg), calls)
-        except Exception as exc:  # a tile the compiler rejects
-            rows.append({"case": "moe", "config": cfg, "error": str(exc)[:160]})
-            return 1e9
-        rows.append({"case": "moe", "config": cfg, "us": round(us, 2), "rel_err": err})
-        return us
+        return _time_config(rows, "moe", lambda i, c: mg.quant_moe_gemv(x, a, b, *routes[i], config=c),
+                            lambda c: rel_err(mg.quant_moe_gemv(x, a, b, *routes[0], config=c), exact), calls, cfg)
 
     # gate_up tiles (down at its default), down tiles (gate_up at its best), then pipeline depth
     tried = []
@@ -289,21 +276,30 @@ def sweep(l2: int, calls: int, gen) -> list[dict]:
     best_cfg = min(tried, key=lambda r: r[0])[1]
     for stages in (2, 4, 6):
         run(dict(best_cfg, num_stages=stages))
-    best = sorted((r for r in rows if r.get("case") == "moe" and "us" in r), key=lambda r: r["us"])[:3]
+    best = _best(rows, "moe")
     print(json.dumps({"sweep": "moe", "default": base, "best": best}), flush=True)
     return rows
 
 
-def _time_config(rows: list, case: str, fn, check, calls: int, cfg: dict) -> float:
-    """Time fn(i, cfg) from a CUDA graph; a row per config (its error, or why it failed)."""
+def _time_config(rows: list, case: str, fn, check, calls: int, cfg: dict, read_bytes: int | None = None) -> float:
+    """Time fn(i, cfg) from a CUDA graph; a row per config: its time (and GB/s for read_bytes
+    a call) and check(cfg)'s error, or why it failed. Returns µs (1e9 for a failed tile)."""
     try:
         err = check(cfg)
         us = time_graph(lambda i: fn(i, cfg), calls)
     except Exception as exc:  # a tile the compiler rejects
         rows.append({"case": case, "config": cfg, "error": str(exc)[:160]})
         return 1e9
-    rows.append({"case": case, "config": cfg, "us": round(us, 2), "rel_err": err})
+    row = {"case": case, "config": cfg, "us": round(us, 2)}
+    if read_bytes is not None:
+        row["gb_s"] = round(read_bytes / us / 1e3, 1)
+    rows.append({**row, "rel_err": err})
     return us
+
+
+def _best(rows: list, case: str, n: int = 3) -> list[dict]:
+    """The n fastest configs timed for `case`."""
+    return sorted((r for r in rows if r.get("case") == case and "us" in r), key=lambda r: r["us"])[:n]
 
 
 def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
@@ -326,7 +322,7 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
         best_cfg = min(tried, key=lambda r: r[0])[1]
         for stages in (2, 3, 6):
             _time_config(rows, name, fn, check, max(calls, len(ws)), dict(best_cfg, num_stages=stages))
-        best = sorted((r for r in rows if r.get("case") == name and "us" in r), key=lambda r: r["us"])[:3]
+        best = _best(rows, name)
         print(json.dumps({"sweep_bf16": name, "default": base, "best": best}), flush=True)
         del ws, w
     gu = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) * HIDDEN**-0.5
@@ -350,7 +346,7 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
     best_cfg = min(tried, key=lambda r: r[0])[1]
     for stages in (2, 3, 6):
         _time_config(rows, "moe", fn, check, calls, dict(best_cfg, num_stages=stages))
-    best = sorted((r for r in rows if r.get("case") == "moe" and "us" in r), key=lambda r: r["us"])[:3]
+    best = _best(rows, "moe")
     print(json.dumps({"sweep_bf16": "moe", "default": base, "best": best}), flush=True)
     return rows
 
