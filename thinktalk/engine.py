@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from .decode_graphs import DecodeGraphs
 from .errors import ContextLengthError
 from .kernels import paged_attention as pa
+from .kernels.common import set_programmatic_launch
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
 from .layers.mlp import GatedMLP, fuse_gate_up
@@ -98,6 +99,10 @@ class EngineConfig:
     # router; MoEs of up to 8 tokens) where the Triton kernels are installed; False keeps cuBLAS /
     # the grouped fused MoE there
     decode_gemv: bool = True
+    # Hopper and newer: the Triton kernels launched with programmatic dependent launch, each placed
+    # on the GPU while the kernel before it finishes (kernels/common.py). Process-wide: the last
+    # engine built sets it for every model in the process (the speech stages use the same kernels).
+    programmatic_launch: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -184,6 +189,7 @@ class Engine:
         )
         use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
                            decode_gemv=self.config.decode_gemv)
+        set_programmatic_launch(self.config.programmatic_launch)  # before the kernels' warm-up and graph capture
         self.pool = self._make_pool()
         self.block_manager = self.pool.block_manager  # None on the contiguous path
         if self.block_manager is not None:  # a request must fit the whole cache

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import available, triton
+from .common import available, pdl_args, triton, wait_prior
 
 if triton is not None:
     import triton.language as tl
@@ -31,7 +31,8 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(src_ptr, out_ptr, inter, stride_s, stride_o, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(src_ptr, out_ptr, inter, stride_s, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        wait_prior(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < inter
@@ -52,5 +53,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if n:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, num_warps=4, **pdl_args(gate_up.device))
     return out

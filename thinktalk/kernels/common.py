@@ -21,6 +21,42 @@ def interpreting() -> bool:
     return _INTERPRET
 
 
+# -- programmatic dependent launch (Hopper) --------------------------------------------------------
+# In a decode step every kernel is a few microseconds and each waits for the one before it: the
+# next grid's launch (programs placed on the SMs, their prologue) is paid between every two.
+# Launched with programmatic stream serialization, a kernel's programs are placed while the kernel
+# before it still runs and wait in `wait_prior` (griddepcontrol.wait: until that grid has finished
+# and its writes are visible) before they touch memory, so the launch overlaps the previous
+# kernel's tail. Waiting first thing makes it safe after any kernel (also torch's and cuBLAS',
+# which never signal: then the wait ends when they finish); the signal to the next kernel comes
+# right after the wait, so at most one grid waits behind a running one. CUDA graphs keep the
+# overlap (captured as programmatic edges).
+_PDL_ENABLED = True
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def set_programmatic_launch(enabled: bool) -> None:
+    """Turn programmatic dependent launch of the decode kernels on or off (EngineConfig.pdl)."""
+    global _PDL_ENABLED
+    _PDL_ENABLED = bool(enabled)
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = (torch.cuda.get_device_capability(index)[0] >= 9
+                               and hasattr(getattr(triton.language.extra, "cuda", None), "gdc_wait"))
+    return _PDL_DEVICES[index]
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch arguments of a kernel whose body starts with `wait_prior(USE_PDL)`: USE_PDL, and
+    launch_pdl where the kernel is compiled for a Hopper or newer GPU with the switch on."""
+    if _PDL_ENABLED and not _INTERPRET and device.type == "cuda" and _pdl_supported(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
 def available(device: torch.device | str) -> bool:
     """True where the Triton kernels can run: CUDA, or anywhere under TRITON_INTERPRET=1."""
     return triton is not None and (torch.device(device).type == "cuda" or interpreting())
@@ -39,3 +75,15 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: IEEE products, not TF32, so results are comparable with the torch reference."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def wait_prior(USE_PDL: tl.constexpr):
+        """First statement of a kernel launched with `pdl_args`: wait for the grid before it, then
+        let the next one be placed (see above). Nothing when USE_PDL is off."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..layers.moe import moe_reference
 
-from .common import available, dot_in_fp32, dot_precision, triton
+from .common import available, dot_in_fp32, dot_precision, pdl_args, triton, wait_prior
 
 if triton is not None:
     import triton.language as tl
@@ -67,18 +67,18 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         _align_one_program_kernel[(1,)](
             ids, cursor, expert_ids, sorted_ids, nk, num_blocks,
             NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(nk), BLOCKS=32,
-            ROWS=1024,
+            ROWS=1024, **pdl_args(device),
         )
         return sorted_ids, expert_ids
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     chunk = 1024
     grid = (triton.cdiv(nk, chunk),)
-    _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk)
+    _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, **pdl_args(device))
     _align_offsets_kernel[(1,)](
         counts, cursor, expert_ids, sorted_ids, nk, num_blocks,
-        NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCKS=32, ROWS=1024,
+        NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCKS=32, ROWS=1024, **pdl_args(device),
     )
-    _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk)
+    _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk, **pdl_args(device))
     return sorted_ids, expert_ids
 
 
@@ -128,7 +128,9 @@ def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
 if triton is not None:
 
     @triton.jit
-    def _align_count_kernel(ids_ptr, counts_ptr, nk, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    def _align_count_kernel(ids_ptr, counts_ptr, nk, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
+                            CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+        wait_prior(USE_PDL)
         offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
         ids = tl.load(ids_ptr + offs, mask=offs < nk, other=NUM_EXPERTS)  # masked lanes: the spare bin
         hist = tl.histogram(ids, E_PAD)
@@ -139,8 +141,9 @@ if triton is not None:
     def _align_offsets_kernel(
         counts_ptr, cursor_ptr, expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
         NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr,
-        ROWS: tl.constexpr,
+        ROWS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         experts = tl.arange(0, E_PAD)
         used = experts < NUM_EXPERTS
         counts = tl.load(counts_ptr + experts, mask=used, other=0)
@@ -170,9 +173,10 @@ if triton is not None:
     def _align_one_program_kernel(
         ids_ptr, cursor_ptr, expert_ids_ptr, sorted_ids_ptr, nk, num_blocks,
         NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, PAIRS: tl.constexpr,
-        BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+        BLOCKS: tl.constexpr, ROWS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """The three align kernels in one program, for up to PAIRS pairs: count, offsets, scatter."""
+        wait_prior(USE_PDL)
         offs = tl.arange(0, PAIRS)
         ok = offs < nk
         ids = tl.load(ids_ptr + offs, mask=ok, other=NUM_EXPERTS)  # masked lanes: the spare bin
@@ -189,7 +193,8 @@ if triton is not None:
         tl.store(sorted_ids_ptr + dest, offs, mask=ok)
 
     @triton.jit
-    def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, nk, CHUNK: tl.constexpr):
+    def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, nk, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+        wait_prior(USE_PDL)
         offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
         ok = offs < nk
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
@@ -202,8 +207,9 @@ if triton is not None:
         num_rows, hidden_size, inter_size,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         pid = tl.program_id(0)
         n_blocks = tl.cdiv(inter_size, BLOCK_N)
         pid_m = pid // n_blocks
@@ -247,8 +253,9 @@ if triton is not None:
         num_rows, hidden_size, inter_size,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+        UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         pid = tl.program_id(0)
         n_blocks = tl.cdiv(hidden_size, BLOCK_N)
         pid_m = pid // n_blocks
@@ -282,7 +289,9 @@ if triton is not None:
         tl.store(o_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _sum_slots_kernel(src_ptr, out_ptr, hidden_size, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_slots_kernel(src_ptr, out_ptr, hidden_size, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+        wait_prior(USE_PDL)
         token = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < hidden_size
@@ -313,7 +322,7 @@ def fused_moe(
     nk = n * top_k
     cfg = config or _pick_config(nk, num_experts, hidden_size, inter)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(hidden.device))
     upcast = dot_in_fp32(hidden.dtype)
     precision = dot_precision(torch.float32 if upcast else hidden.dtype)
     pair_blocks = nk <= PAIR_BLOCKS_MAX
@@ -350,5 +359,6 @@ def fused_moe(
     )
     summed = torch.empty_like(hidden)
     block = min(1024, triton.next_power_of_2(hidden_size))
-    _sum_slots_kernel[(n, triton.cdiv(hidden_size, block))](out, summed, hidden_size, TOP_K=top_k, BLOCK=block, num_warps=4)
+    _sum_slots_kernel[(n, triton.cdiv(hidden_size, block))](
+        out, summed, hidden_size, TOP_K=top_k, BLOCK=block, num_warps=4, **pdl_args(hidden.device))
     return summed

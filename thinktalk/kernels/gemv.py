@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.moe import moe_reference
-from .common import available, triton
+from .common import available, pdl_args, triton
 from .fused_moe import fused_moe
 from .quant_gemv import DEFAULT_STAGES, GEMV_MAX_M, _gemv_kernel, _split_sum_kernel, columns_per_step, rows_per_program
 from .quant_moe_gemv import GEMV_MAX_TOKENS, run_moe_gemv
@@ -103,13 +103,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         0 if split == 1 else target.stride(0), target.stride(-2), target.stride(-1),
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         **_float_consts(k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
+        **pdl_args(x.device),
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](
             target, bias if bias is not None else target, out, m, n, split,
             target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=block,
+            HAS_BIAS=bias is not None, BLOCK=block, **pdl_args(x.device),
         )
     return out
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .common import available, dot_in_fp32, dot_precision, triton
+from .common import available, dot_in_fp32, dot_precision, pdl_args, triton, wait_prior
 
 if triton is not None:
     import triton.language as tl
@@ -97,8 +97,9 @@ if triton is not None:
         stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -156,8 +157,9 @@ if triton is not None:
     @triton.jit
     def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                              stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """out[b, h] = sum_s softmax(lse[b, h, :])[s] * partial[b, h, s] (lse in log2 units)."""
+        wait_prior(USE_PDL)
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)
@@ -230,6 +232,7 @@ def paged_attention(
         # tl.dot needs K >= 16 when compiled (the interpreter does not check): small test heads are padded
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2,
+        **pdl_args(q.device),
     )
     if splits == 1:
         return out
@@ -238,6 +241,6 @@ def paged_attention(
     _merge_splits_kernel[(batch, num_heads)](
         partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
-        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), num_warps=1,
+        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), num_warps=1, **pdl_args(q.device),
     )
     return out

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import available, interpreting, triton
+from .common import available, interpreting, pdl_args, triton, wait_prior
 from .quant_format import QFormat
 from .quant_gemm import quant_matmul_reference, zero_args
 
@@ -264,9 +264,10 @@ if triton is not None:
         stride_os, stride_om, stride_on,
         FMT: tl.constexpr, HAS_ZERO: tl.constexpr, ZP: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
-        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """Program (n block, K split): rows offs_n of out (or of split pid_k's fp32 partials)."""
+        wait_prior(USE_PDL)
         BK: tl.constexpr = G * GK
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -302,10 +303,11 @@ if triton is not None:
     @triton.jit
     def _split_sum_kernel(
         part_ptr, b_ptr, out_ptr, M, N, splits, stride_ps, stride_pm, stride_om, stride_on,
-        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """out[m, n] = sum over splits of the fp32 partials (+ bias), in out's dtype (a fixed order:
         deterministic, unlike atomics)."""
+        wait_prior(USE_PDL)
         m = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
@@ -447,12 +449,13 @@ def quant_gemv(
         HAS_ZERO=zero is not None, ZP=fmt.implicit_zero, SBN=fmt.block_n, SBK=fmt.block_k,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         **chunk_consts(fmt, k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
+        **pdl_args(x.device),
     )
     if split > 1:
         block = 1024
         _split_sum_kernel[(m, triton.cdiv(n, block))](
             target, bias if bias is not None else target, out, m, n, split,
             target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=block,
+            HAS_BIAS=bias is not None, BLOCK=block, **pdl_args(x.device),
         )
     return out

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import available, triton
+from .common import available, pdl_args, triton, wait_prior
 from .quant_gemv import (
     DEFAULT_STAGES, _load_scales, _step_dot, chunk_consts, gemv_supported, packed_words, rows_per_program,
     step_columns, warps_for,
@@ -58,8 +58,9 @@ if triton is not None:
         stride_om, stride_on,
         FMT: tl.constexpr, HAS_ZERO: tl.constexpr, ZP: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
-        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         BK: tl.constexpr = G * GK
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -114,8 +115,9 @@ if triton is not None:
         stride_om, stride_on,
         FMT: tl.constexpr, HAS_ZERO: tl.constexpr, ZP: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
         TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
-        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+        SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         BK: tl.constexpr = G * GK
         token = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -224,6 +226,7 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
         hidden_size, inter, stored_k,
         hidden.stride(0), hidden.stride(1), *strides, inter_act.stride(0), inter_act.stride(1),
         **consts, TOP_K=top_k, BLOCK_N=bn, STAGES=stages, num_warps=cfg.get("num_warps_gu", 4),
+        **pdl_args(hidden.device),
     )
 
     bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
@@ -234,6 +237,6 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
         hidden_size, inter, stored_k, triton.cdiv(inter, bk),
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
         **consts, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
-        num_warps=cfg.get("num_warps_d", 4),
+        num_warps=cfg.get("num_warps_d", 4), **pdl_args(hidden.device),
     )
     return out

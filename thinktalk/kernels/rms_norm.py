@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import available, triton
+from .common import available, pdl_args, triton, wait_prior
 
 if triton is not None:
     import triton.language as tl
@@ -43,8 +43,9 @@ if triton is not None:
         x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
         stride_x, stride_r, stride_o, stride_s,
         n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
@@ -80,7 +81,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             rows.stride(0), res.stride(0), out.stride(0), total.stride(0),
             n_cols, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=4 if n_cols >= 1024 else 1,
+            num_warps=4 if n_cols >= 1024 else 1, **pdl_args(x.device),
         )
     return out.view(shape), (total.view(shape) if residual is not None else None)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.rotary import apply_rotary
-from .common import available, triton
+from .common import available, pdl_args, triton, wait_prior
 from .rms_norm import rms_norm_reference
 
 if triton is not None:
@@ -76,8 +76,9 @@ if triton is not None:
         stride_qon, stride_qoh, stride_kon, stride_koh,
         num_q_heads, num_k_heads, eps,
         v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_vn, stride_vh, stride_cs, stride_ch,
-        HALF: tl.constexpr, STORE: tl.constexpr,
+        HALF: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         cos = cos_ptr + tok * stride_c
@@ -124,5 +125,6 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps: float, v=None, store=N
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             hq, hk, eps, *extra, HALF=head_dim // 2, STORE=store is not None, num_warps=1,
+            **pdl_args(q.device),
         )
     return q_out, k_out

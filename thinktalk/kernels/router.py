@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import available, triton
+from .common import available, pdl_args, triton, wait_prior
 
 if triton is not None:
     import triton.language as tl
@@ -33,7 +33,9 @@ if triton is not None:
     def _softmax_topk_kernel(
         logits_ptr, w_ptr, ids_ptr, stride_l, stride_w, stride_i, num_experts,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        wait_prior(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, E_PAD)
         x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < num_experts, other=float("-inf")).to(tl.float32)
@@ -66,6 +68,6 @@ def softmax_topk(logits: torch.Tensor, top_k: int, normalize: bool):
         _softmax_topk_kernel[(n,)](
             logits, weights, ids, logits.stride(0), weights.stride(0), ids.stride(0), num_experts,
             TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
-            NORMALIZE=normalize, num_warps=1,
+            NORMALIZE=normalize, num_warps=1, **pdl_args(logits.device),
         )
     return weights, ids
