@@ -1,10 +1,12 @@
 """Tile sizes of the fused MoE kernel for the Qwen3-Omni thinker's shapes, measured on the GPU.
 
-    python benchmarks/tune_fused_moe.py --out benchmarks/results/tune_fused_moe_h200.json
+    python benchmarks/tune_fused_moe.py --out benchmarks/results/tune_fused_moe_h200.json [--down]
 
 For each token count (decode batches of 1, 8, 64, and a 512-token prefill chunk) every config is
 timed as a CUDA graph of 20 calls (the engine replays decode steps as graphs, so launch overhead is
 not what is being measured). `kernels/fused_moe._pick_config` takes its table from the result.
+--down keeps the chosen gate_up tiles and sweeps the down projection's own (BLOCK_N_D, BLOCK_K_D,
+num_warps_d, num_stages_d): its K (= I = 768) is a few steps of the K loop.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512])
+    ap.add_argument("--down", action="store_true", help="sweep the down projection's tiles only")
     args = ap.parse_args()
     experts, hidden, inter, top_k = 128, 2048, 768, 8
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -66,7 +69,13 @@ def main():
         w, ids = route(x, router, top_k, True)
         hit = torch.unique(ids).numel()
         rows = []
-        for cfg in [None] + [c for c in configs if c["BLOCK_M"] <= max(16, 4 * n * top_k // experts * 2)]:
+        if args.down:
+            base = _pick_config(n * top_k, experts, hidden, inter)
+            candidates = [{**base, "BLOCK_N_D": bn, "BLOCK_K_D": bk, "num_warps_d": w, "num_stages_d": st}
+                          for bn, bk, w, st in itertools.product([64, 128], [64, 128, 256], [4, 8], [2, 3, 4])]
+        else:
+            candidates = [c for c in configs if c["BLOCK_M"] <= max(16, 4 * n * top_k // experts * 2)]
+        for cfg in [None] + candidates:
             try:
                 us = time_graph(lambda: fused_moe(x, gate_up, down, w, ids, config=cfg))
             except Exception as exc:  # a config the compiler rejects (shared memory)

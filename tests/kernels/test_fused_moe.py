@@ -56,6 +56,13 @@ def test_fused_moe_small_tiles_many_blocks():
     assert err < 1e-5
 
 
+def test_fused_moe_own_down_tiles():
+    # the down projection with tiles of its own (N and K tiles unlike gate_up's)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_N_D=32, BLOCK_K_D=16, num_warps_d=2, num_stages_d=2)
+    err, _ = _errors(50, 64, 48, 4, 2, torch.float32, config=cfg)
+    assert err < 1e-5
+
+
 @pytest.mark.parametrize("align", [fm.moe_align, fm.moe_align_torch], ids=["triton", "torch"])
 def test_moe_align_covers_every_pair_once(align):
     ids = torch.tensor([[3, 1], [1, 0], [3, 2], [1, 3], [0, 1]])

@@ -323,6 +323,10 @@ def fused_moe(
     cfg = config or _pick_config(nk, num_experts, hidden_size, inter)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(hidden.device))
+    # the down projection may take its own tiles (K = I is short: its K loop is a few steps)
+    bn_d, bk_d = cfg.get("BLOCK_N_D", bn), cfg.get("BLOCK_K_D", bk)
+    launch_d = {**launch, "num_warps": cfg.get("num_warps_d", launch["num_warps"]),
+                "num_stages": cfg.get("num_stages_d", launch["num_stages"])}
     upcast = dot_in_fp32(hidden.dtype)
     precision = dot_precision(torch.float32 if upcast else hidden.dtype)
     pair_blocks = nk <= PAIR_BLOCKS_MAX
@@ -347,15 +351,15 @@ def fused_moe(
 
     out = torch.empty(nk, hidden_size, dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    grid = (num_m_blocks * triton.cdiv(hidden_size, bn),)
+    grid = (num_m_blocks * triton.cdiv(hidden_size, bn_d),)
     _down_kernel[grid](
         inter_act, down_proj, out, weights, sorted_ids, expert_ids,
         nk, hidden_size, inter,
         inter_act.stride(0), inter_act.stride(1),
         down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast,
-        PAIR_BLOCKS=pair_blocks, **launch,
+        BLOCK_M=bm, BLOCK_N=bn_d, BLOCK_K=bk_d, PRECISION=precision, UPCAST=upcast,
+        PAIR_BLOCKS=pair_blocks, **launch_d,
     )
     summed = torch.empty_like(hidden)
     block = min(1024, triton.next_power_of_2(hidden_size))
