@@ -243,7 +243,14 @@ def main():
     ap.add_argument("--hf-decode-len", type=int, default=32)
     ap.add_argument("--hf-concurrency", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--quantization", default=None, help="quantize thinktalk's weights after building: fp8 | int8 | int4 ...")
+    ap.add_argument("--moe-down-tiles", default=None,
+                    help="JSON of the fused MoE's decode down tiles (kernels/fused_moe.DECODE_DOWN_TILES), e.g. a "
+                         "tune_fused_moe.py --down result tried before it goes into the code")
     args = ap.parse_args()
+    if args.moe_down_tiles:
+        from thinktalk.kernels import fused_moe
+
+        fused_moe.DECODE_DOWN_TILES.update(json.loads(args.moe_down_tiles))
     result = {
         "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(),

@@ -100,9 +100,11 @@ class EngineConfig:
     # the grouped fused MoE there
     decode_gemv: bool = True
     # Hopper and newer: the Triton kernels launched with programmatic dependent launch, each placed
-    # on the GPU while the kernel before it finishes (kernels/common.py). Process-wide: the last
-    # engine built sets it for every model in the process (the speech stages use the same kernels).
-    programmatic_launch: bool = True
+    # on the GPU while the kernel before it finishes (kernels/common.py). Off by default: on its own
+    # it measured neutral (H100, one stream 288 vs 286 tok/s, 64 streams 2,721 vs 2,734). Process-
+    # wide: the last engine built sets it for every model in the process (the speech stages use
+    # the same kernels).
+    programmatic_launch: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None

@@ -73,7 +73,7 @@ def test_pdl_switch(monkeypatch):
         common.set_programmatic_launch(True)
         assert common.pdl_args(cuda0) == {"USE_PDL": False}
     finally:
-        common.set_programmatic_launch(True)
+        common.set_programmatic_launch(False)
 
 
 def test_engine_sets_the_switch():
@@ -85,9 +85,9 @@ def test_engine_sets_the_switch():
 
     model = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), 0)
     try:
-        Engine(model, [-1], EngineConfig(programmatic_launch=False, num_kv_blocks=8))
-        assert common._PDL_ENABLED is False
-        Engine(model, [-1], EngineConfig(num_kv_blocks=8))
+        Engine(model, [-1], EngineConfig(programmatic_launch=True, num_kv_blocks=8))
         assert common._PDL_ENABLED is True
+        Engine(model, [-1], EngineConfig(num_kv_blocks=8))  # off by default
+        assert common._PDL_ENABLED is False
     finally:
-        common.set_programmatic_launch(True)
+        common.set_programmatic_launch(False)

@@ -25,7 +25,7 @@ H, I, E = 2048, 768, 64
 @pytest.fixture(autouse=True)
 def _restore_switch():
     yield
-    common.set_programmatic_launch(True)
+    common.set_programmatic_launch(False)
 
 
 def _weights(layers: int):

@@ -31,7 +31,7 @@ def interpreting() -> bool:
 # which never signal: then the wait ends when they finish); the signal to the next kernel comes
 # right after the wait, so at most one grid waits behind a running one. CUDA graphs keep the
 # overlap (captured as programmatic edges).
-_PDL_ENABLED = True
+_PDL_ENABLED = False  # EngineConfig.programmatic_launch
 _PDL_DEVICES: dict[int, bool] = {}
 
 
