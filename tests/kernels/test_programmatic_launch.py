@@ -1,7 +1,8 @@
 """Programmatic dependent launch (kernels/common.py), the part that runs anywhere: a kernel launched
 with launch_pdl may start while the kernel before it still writes its input, so every kernel that
-takes USE_PDL must wait (`wait_prior`) before anything else; and the launch arguments are off
-wherever the kernels do not run compiled on a Hopper GPU. The GPU side is test_programmatic_launch_cuda.py.
+takes USE_PDL must wait (`wait_prior`) before it reads or writes anything but weights (L2
+prefetches); and the launch arguments are off wherever the kernels do not run compiled on a Hopper
+GPU. The GPU side is test_programmatic_launch_cuda.py.
 """
 
 import ast
@@ -32,16 +33,26 @@ def _jit_kernels():
     return found
 
 
-def _first_statement(fn) -> ast.stmt:
+WAITS = ("wait_prior(USE_PDL)", "wait_prior_next_first(USE_PDL)")
+
+
+def _before_wait(fn) -> list[str]:
+    """The statements of a kernel's body up to its wait (the wait last), as source."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))
     body = tree.body[0].body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # docstring
         body = body[1:]
-    return body[0]
+    out = []
+    for stmt in body:
+        out.append(ast.unparse(stmt))
+        if out[-1] in WAITS:
+            break
+    return out
 
 
-def test_every_kernel_taking_use_pdl_waits_first():
-    with_pdl = [(m, n, f) for m, n, f in _jit_kernels() if "USE_PDL" in f.arg_names and f is not common.wait_prior]
+def test_every_kernel_taking_use_pdl_waits_before_touching_memory():
+    helpers = (common.wait_prior, common.wait_prior_next_first, common.prefetch_l2)
+    with_pdl = [(m, n, f) for m, n, f in _jit_kernels() if "USE_PDL" in f.arg_names and f not in helpers]
     # the decode path's kernels (norms, rotary, attention, router, GEMVs, MoE) all take it
     assert {n for _, n, _ in with_pdl} >= {
         "_rms_norm_kernel", "_qk_norm_rope_kernel", "_paged_decode_kernel", "_merge_splits_kernel",
@@ -50,8 +61,12 @@ def test_every_kernel_taking_use_pdl_waits_first():
         "_sum_slots_kernel", "_silu_mul_kernel",
     }
     for module, name, fn in with_pdl:
-        first = _first_statement(fn)
-        assert ast.unparse(first) == "wait_prior(USE_PDL)", f"{module}.{name} starts with {ast.unparse(first)!r}"
+        before = _before_wait(fn)
+        assert before[-1] in WAITS, f"{module}.{name} never waits for the kernel before it"
+        # before the wait: index arithmetic and L2 prefetches of weights only, no load or store
+        for stmt in before[:-1]:
+            touched = stmt.replace("prefetch_l2", "")
+            assert not any(word in touched for word in ("load", "store", "atomic")), f"{module}.{name}: {stmt}"
 
 
 def test_pdl_args_off_without_compiled_hopper_kernels():

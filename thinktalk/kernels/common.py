@@ -82,8 +82,27 @@ if triton is not None:
 
     @triton.jit
     def wait_prior(USE_PDL: tl.constexpr):
-        """First statement of a kernel launched with `pdl_args`: wait for the grid before it, then
-        let the next one be placed (see above). Nothing when USE_PDL is off."""
+        """First memory access of a kernel launched with `pdl_args`: wait for the grid before it,
+        then let the next one be placed (see above). Nothing when USE_PDL is off."""
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def wait_prior_next_first(USE_PDL: tl.constexpr):
+        """`wait_prior` that lets the next kernel in before waiting, for the short kernels before a
+        GEMV (norms, decode attention): the GEMV is placed while the kernel before this one still
+        runs and can `prefetch_l2` its weights meanwhile. The next grid starts only once all of this
+        one's programs are placed, so it never takes their room; but each such kernel lets one more
+        grid wait on the SMs, so only kernels followed by a plain `wait_prior` one use it."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def prefetch_l2(ptrs, USE_PDL: tl.constexpr):
+        """Ask L2 for the lines at ptrs (in bounds: callers clamp) before `wait_prior`: only for
+        data no kernel writes (weights), which may be read before the previous kernel finishes."""
+        if USE_PDL:
+            tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .common import available, dot_in_fp32, dot_precision, pdl_args, triton, wait_prior
+from .common import available, dot_in_fp32, dot_precision, pdl_args, triton, wait_prior_next_first
 
 if triton is not None:
     import triton.language as tl
@@ -99,7 +99,7 @@ if triton is not None:
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        wait_prior(USE_PDL)
+        wait_prior_next_first(USE_PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -159,7 +159,7 @@ if triton is not None:
                              stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
                              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """out[b, h] = sum_s softmax(lse[b, h, :])[s] * partial[b, h, s] (lse in log2 units)."""
-        wait_prior(USE_PDL)
+        wait_prior_next_first(USE_PDL)
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import available, interpreting, pdl_args, triton, wait_prior
+from .common import available, interpreting, pdl_args, prefetch_l2, triton, wait_prior
 from .quant_format import QFormat
 from .quant_gemm import quant_matmul_reference, zero_args
 
@@ -265,13 +265,19 @@ if triton is not None:
         FMT: tl.constexpr, HAS_ZERO: tl.constexpr, ZP: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GK: tl.constexpr,
         SCALES: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, USE_PDL: tl.constexpr,
+        PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 1,
     ):
-        """Program (n block, K split): rows offs_n of out (or of split pid_k's fp32 partials)."""
-        wait_prior(USE_PDL)
+        """Program (n block, K split): rows offs_n of out (or of split pid_k's fp32 partials).
+        PREFETCH > 0 (programmatic launch): the first PREFETCH lines (LINE stored elements each) of
+        the program's weight rows are asked of L2 before waiting for the previous kernel."""
         BK: tl.constexpr = G * GK
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if PREFETCH > 0:
+            lines = tl.minimum(pid_k * steps_per_split * BK + tl.arange(0, PREFETCH) * LINE, KQ - 1)
+            prefetch_l2(q_ptr + tl.minimum(offs_n, N - 1)[:, None] * stride_qn + lines[None, :] * stride_qk, USE_PDL)
+        wait_prior(USE_PDL)
         n_ok = offs_n < N
         rows = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import available, pdl_args, triton, wait_prior
+from .common import available, pdl_args, triton, wait_prior_next_first
 
 if triton is not None:
     import triton.language as tl
@@ -45,7 +45,7 @@ if triton is not None:
         n_cols, eps,
         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        wait_prior(USE_PDL)
+        wait_prior_next_first(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
