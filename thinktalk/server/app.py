@@ -516,7 +516,7 @@ def serve(opts: ServeOptions) -> int:
                             timeout_graceful_shutdown=5, lifespan="on")
     server = _Server(config)
     state.uvicorn = server
-    what = f"the DEMO model (tiny random weights: its text and speech are meaningless)" if state.demo else str(opts.model)
+    what = "the DEMO model (tiny random weights: its text and speech are meaningless)" if state.demo else str(opts.model)
     log.info("starting thinktalk server for %s as %r at http://%s:%s", what, state.model_name, opts.host, opts.port)
     server.run()
     if not server.started and state.exit_code == 0:
