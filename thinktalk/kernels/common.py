@@ -27,16 +27,17 @@ def interpreting() -> bool:
 # Launched with programmatic stream serialization, a kernel's programs are placed while the kernel
 # before it still runs and wait in `wait_prior` (griddepcontrol.wait: until that grid has finished
 # and its writes are visible) before they touch memory, so the launch overlaps the previous
-# kernel's tail. Waiting first thing makes it safe after any kernel (also torch's and cuBLAS',
-# which never signal: then the wait ends when they finish); the signal to the next kernel comes
-# right after the wait, so at most one grid waits behind a running one. CUDA graphs keep the
-# overlap (captured as programmatic edges).
+# kernel's tail. Waiting before any read or write of data a kernel may produce makes it safe after
+# any kernel (also torch's and cuBLAS', which never signal: then the wait ends when they finish);
+# `wait_prior` signals the next kernel right after its wait, so one grid waits behind a running
+# one (`wait_prior_next_first`: one more). CUDA graphs keep the overlap (captured as programmatic
+# edges).
 _PDL_ENABLED = False  # EngineConfig.programmatic_launch
 _PDL_DEVICES: dict[int, bool] = {}
 
 
 def set_programmatic_launch(enabled: bool) -> None:
-    """Turn programmatic dependent launch of the decode kernels on or off (EngineConfig.pdl)."""
+    """Turn programmatic dependent launch of the decode kernels on or off (EngineConfig.programmatic_launch)."""
     global _PDL_ENABLED
     _PDL_ENABLED = bool(enabled)
 
@@ -50,8 +51,10 @@ def _pdl_supported(device: torch.device) -> bool:
 
 
 def pdl_args(device: torch.device) -> dict:
-    """Launch arguments of a kernel whose body starts with `wait_prior(USE_PDL)`: USE_PDL, and
-    launch_pdl where the kernel is compiled for a Hopper or newer GPU with the switch on."""
+    """Launch arguments of a kernel that waits (`wait_prior` / `wait_prior_next_first`) before it
+    touches anything but weights: USE_PDL, and launch_pdl where the kernel is compiled for a Hopper
+    or newer GPU with the switch on. One call per launching function is enough (it only reads the
+    switch and the device)."""
     if _PDL_ENABLED and not _INTERPRET and device.type == "cuda" and _pdl_supported(device):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}

@@ -63,22 +63,23 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     e_pad = triton.next_power_of_2(num_experts + 1)  # + a bin for masked-off lanes
+    pdl = pdl_args(device)
     if nk <= ALIGN_ONE_PROGRAM:
         _align_one_program_kernel[(1,)](
             ids, cursor, expert_ids, sorted_ids, nk, num_blocks,
             NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(nk), BLOCKS=32,
-            ROWS=1024, **pdl_args(device),
+            ROWS=1024, **pdl,
         )
         return sorted_ids, expert_ids
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     chunk = 1024
     grid = (triton.cdiv(nk, chunk),)
-    _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, **pdl_args(device))
+    _align_count_kernel[grid](ids, counts, nk, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, **pdl)
     _align_offsets_kernel[(1,)](
         counts, cursor, expert_ids, sorted_ids, nk, num_blocks,
-        NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCKS=32, ROWS=1024, **pdl_args(device),
+        NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, BLOCKS=32, ROWS=1024, **pdl,
     )
-    _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk, **pdl_args(device))
+    _align_scatter_kernel[grid](ids, cursor, sorted_ids, nk, CHUNK=chunk, **pdl)
     return sorted_ids, expert_ids
 
 
@@ -328,7 +329,8 @@ def fused_moe(
     nk = n * top_k
     cfg = config or _pick_config(nk, num_experts, hidden_size, inter)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl_args(hidden.device))
+    pdl = pdl_args(hidden.device)
+    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **pdl)
     # the down projection may take its own tiles (K = I is short: its K loop is a few steps)
     bn_d, bk_d = cfg.get("BLOCK_N_D", bn), cfg.get("BLOCK_K_D", bk)
     launch_d = {**launch, "num_warps": cfg.get("num_warps_d", launch["num_warps"]),
@@ -370,5 +372,5 @@ def fused_moe(
     summed = torch.empty_like(hidden)
     block = min(1024, triton.next_power_of_2(hidden_size))
     _sum_slots_kernel[(n, triton.cdiv(hidden_size, block))](
-        out, summed, hidden_size, TOP_K=top_k, BLOCK=block, num_warps=4, **pdl_args(hidden.device))
+        out, summed, hidden_size, TOP_K=top_k, BLOCK=block, num_warps=4, **pdl)
     return summed

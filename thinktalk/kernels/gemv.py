@@ -78,10 +78,10 @@ PREFETCH_MAX_BYTES = 32 << 20
 PREFETCH_MAX_LINES = 64  # 128-byte lines per row: 8 KiB, o_proj's whole row
 
 
-def prefetch_consts(weight: torch.Tensor, columns: int, launch: dict) -> dict:
+def prefetch_consts(weight: torch.Tensor, columns: int, pdl: dict) -> dict:
     """PREFETCH / LINE of `_gemv_kernel` for a program reading `columns` of each of its rows."""
     line = 128 // weight.element_size()
-    if not launch.get("USE_PDL") or weight.numel() * weight.element_size() > PREFETCH_MAX_BYTES:
+    if not pdl.get("USE_PDL") or weight.numel() * weight.element_size() > PREFETCH_MAX_BYTES:
         return dict(PREFETCH=0, LINE=line)
     lines = min(PREFETCH_MAX_LINES, max(1, columns // line))
     return dict(PREFETCH=1 << (lines.bit_length() - 1), LINE=line)  # a power of two (tl.arange)
@@ -111,7 +111,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     steps_per_split = -(-steps // split)
     split = -(-steps // steps_per_split)  # no empty splits
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    launch = pdl_args(x.device)
+    pdl = pdl_args(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x, weight, weight, weight, bias if bias is not None else weight, target,
         m, n, k, k, steps_per_split,
@@ -119,14 +119,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         0 if split == 1 else target.stride(0), target.stride(-2), target.stride(-1),
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         **_float_consts(k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
-        **launch, **prefetch_consts(weight, min(k, steps_per_split * block_k), launch),
+        **pdl, **prefetch_consts(weight, min(k, steps_per_split * block_k), pdl),
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](
             target, bias if bias is not None else target, out, m, n, split,
             target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=block, **pdl_args(x.device),
+            HAS_BIAS=bias is not None, BLOCK=block, **pdl,
         )
     return out
 

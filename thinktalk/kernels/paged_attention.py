@@ -220,6 +220,7 @@ def paged_attention(
     upcast = dot_in_fp32(q.dtype)
     precision = dot_precision(torch.float32 if upcast else q.dtype)
     grid = (batch, kv_heads, splits)
+    pdl = pdl_args(q.device)
     _paged_decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
         scale * 1.4426950408889634,
@@ -231,8 +232,7 @@ def paged_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         # tl.dot needs K >= 16 when compiled (the interpreter does not check): small test heads are padded
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2,
-        **pdl_args(q.device),
+        NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2, **pdl,
     )
     if splits == 1:
         return out
@@ -241,6 +241,6 @@ def paged_attention(
     _merge_splits_kernel[(batch, num_heads)](
         partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
-        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), num_warps=1, **pdl_args(q.device),
+        HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), num_warps=1, **pdl,
     )
     return out

@@ -447,6 +447,7 @@ def quant_gemv(
     z, (szn, szk) = zero_args(zero, scale)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    pdl = pdl_args(x.device)
     _gemv_kernel[grid](
         x, q, scale, z, bias if bias is not None else scale, target,
         m, n, k, q.shape[1], steps_per_split,
@@ -455,13 +456,13 @@ def quant_gemv(
         HAS_ZERO=zero is not None, ZP=fmt.implicit_zero, SBN=fmt.block_n, SBK=fmt.block_k,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         **chunk_consts(fmt, k, block_k), STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps", 4),
-        **pdl_args(x.device),
+        **pdl,
     )
     if split > 1:
         block = 1024
         _split_sum_kernel[(m, triton.cdiv(n, block))](
             target, bias if bias is not None else target, out, m, n, split,
             target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=block, **pdl_args(x.device),
+            HAS_BIAS=bias is not None, BLOCK=block, **pdl,
         )
     return out

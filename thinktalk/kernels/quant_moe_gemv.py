@@ -214,6 +214,7 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     n, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     stages = cfg.get("num_stages", DEFAULT_STAGES)
+    pdl = pdl_args(hidden.device)
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     nk = ids.numel()
@@ -226,7 +227,7 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
         hidden_size, inter, stored_k,
         hidden.stride(0), hidden.stride(1), *strides, inter_act.stride(0), inter_act.stride(1),
         **consts, TOP_K=top_k, BLOCK_N=bn, STAGES=stages, num_warps=cfg.get("num_warps_gu", 4),
-        **pdl_args(hidden.device),
+        **pdl,
     )
 
     bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
@@ -237,6 +238,6 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
         hidden_size, inter, stored_k, triton.cdiv(inter, bk),
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
         **consts, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
-        num_warps=cfg.get("num_warps_d", 4), **pdl_args(hidden.device),
+        num_warps=cfg.get("num_warps_d", 4), **pdl,
     )
     return out
