@@ -215,6 +215,17 @@ class Omni:
         while any(r.finish_reason is None for r in reqs) or (stage is not None and any(r.request_id in stage.jobs for r in reqs)):
             self.engine.step()
             self._apply_stop_strings(reqs)
+            failed = next((r for r in reqs if r.error is not None), None)
+            if failed is not None:  # refused while running (out of memory): the others stop too
+                for req in reqs:
+                    self.engine.abort(req.request_id)
+                    if stage is not None:
+                        stage.cancel(req.request_id)
+                if stage is not None:
+                    stage.step()
+                    for req in reqs:
+                        stage.pop(req.request_id)
+                raise failed.error
             if stage is not None:
                 stage.step()
         results = [self.finish(r, speech=self._collect_speech(stage, r) if stage is not None else None) for r in reqs]
@@ -287,6 +298,8 @@ class Omni:
             while not done:
                 if self.engine.has_work():
                     self.engine.step()
+                if req.error is not None:  # refused while running (out of memory); `finally` stops the talker
+                    raise req.error
                 stage.step()
                 delta = text.update(req.output_ids, final=req.finish_reason is not None)
                 if delta:
@@ -321,6 +334,8 @@ class Omni:
             while sent < len(req.output_ids):
                 yield req.output_ids[sent]
                 sent += 1
+        if req.error is not None:  # refused while running (out of memory)
+            raise req.error
 
     def finish(self, req: Request, speech: tuple[torch.Tensor, np.ndarray] | None = None) -> Result:
         """The Result of a finished request; speech: its (codes, audio) when already made (else

@@ -776,6 +776,14 @@ class EngineBackend:
                 if engine.has_work():
                     for out in engine.step():
                         if out.new_token is None:
+                            hit = by_req.get(out.request.request_id) if out.request.error is not None else None
+                            if hit is not None:  # refused while running (out of memory): the whole item
+                                job = hit[0]
+                                for r in job.reqs:
+                                    by_req.pop(r.request_id, None)
+                                    engine.abort(r.request_id)
+                                sink.error(job.item.custom_id, _input_error(out.request.error))
+                                in_flight -= 1
                             continue
                         stats.tokens += 1
                         hit = by_req.get(out.request.request_id)

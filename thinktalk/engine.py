@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .decode_graphs import DecodeGraphs
-from .errors import ContextLengthError
+from .errors import ContextLengthError, OutOfMemoryError
 from .kernels import paged_attention as pa
 from .kernels.common import set_programmatic_launch
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
@@ -113,6 +113,10 @@ class EngineConfig:
     # pieces (prefill_graphs.py); None: where the decode graphs are. True off CUDA runs the pieces eagerly.
     prefill_graphs: bool | None = None
     max_prefill_graph_tokens: int = 4096  # steps with more tokens run eagerly
+    # the vision encoder takes at most this many patches (whole frames) per pass, so a long video's
+    # encoder activations stay those of one pass (models/vision_encoder.py); the KV budget leaves
+    # room for one. None: all of a request's frames in one pass.
+    vision_max_patches: int | None = 16384
     # launch the next decode step before processing this one's tokens (module docstring); None:
     # where the decode graphs are (CUDA). True off CUDA runs the same order synchronously.
     overlap_steps: bool | None = None
@@ -192,6 +196,9 @@ class Engine:
         use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
                            decode_gemv=self.config.decode_gemv)
         set_programmatic_launch(self.config.programmatic_launch)  # before the kernels' warm-up and graph capture
+        visual = getattr(self.thinker, "visual", None)
+        if visual is not None:
+            visual.max_patches_per_pass = self.config.vision_max_patches
         self.pool = self._make_pool()
         self.block_manager = self.pool.block_manager  # None on the contiguous path
         if self.block_manager is not None:  # a request must fit the whole cache
@@ -254,7 +261,10 @@ class Engine:
         if self._can_overlap(batch):
             self._in_flight = self._launch(batch)
             return []
-        logits = self._run(batch)
+        try:
+            logits = self._run(batch)
+        except torch.OutOfMemoryError as exc:
+            return self._out_of_memory(batch, exc)
         return self._postprocess(batch, logits)
 
     # -- the three phases ----------------------------------------------------------------------
@@ -527,8 +537,40 @@ class Engine:
 
     @torch.inference_mode()
     def _profile_prefill(self) -> None:
-        """A dummy text prefill of the largest step, to measure the activation peak before sizing KV."""
+        """The activation peak to leave room for when sizing KV: a dummy text prefill of the
+        largest step and a vision encoder pass of the most patches it takes at once, both while
+        the embeddings of a whole multimodal prompt are held (a media prompt's are computed once
+        and kept while its chunks prefill: `_mm_embeds`)."""
+        visual = getattr(self.thinker, "visual", None)
+        deepstack = len(visual.deepstack_visual_indexes) if visual is not None else 0
+        held = self._prompt_embeddings(1 + deepstack)
         self._dummy_prefill(self.config.max_prefill_tokens)
+        # while the media are encoded, the encoder's output and the token embeddings before the
+        # scatter are there too (models/thinker.py: embed)
+        during = self._prompt_embeddings(2)
+        self._dummy_vision_pass()
+        del held, during
+
+    def _prompt_embeddings(self, rows_per_token: int) -> torch.Tensor:
+        """A buffer of rows_per_token hidden-size rows for each of max_model_len tokens: what
+        `_mm_embeds` holds at most for one request is 1 + deepstack layers of them (its
+        embeddings, and the deepstack features of as many visual tokens)."""
+        text = self.thinker.cfg.text_config
+        dtype = next(self.thinker.parameters()).dtype
+        return torch.empty(self.max_model_len, rows_per_token * text.hidden_size, dtype=dtype, device=self.device)
+
+    def _dummy_vision_pass(self) -> None:
+        """The vision encoder over zero pixels of square frames filling one pass (vision_max_patches)."""
+        visual = getattr(self.thinker, "visual", None)
+        most = self.config.vision_max_patches
+        if visual is None or not most:
+            return
+        merge = visual.spatial_merge_size
+        side = max(merge, int(most**0.5) // merge * merge)  # a frame of side x side patches
+        frames = max(1, most // (side * side))
+        dtype = next(visual.parameters()).dtype
+        pixels = torch.zeros(frames * side * side, visual.patch_embed.patch_dim, dtype=dtype, device=self.device)
+        visual(pixels, torch.tensor([[frames, side, side]]))
 
     def _dummy_prefill(self, n: int) -> None:
         """A text prefill of n (at most max_model_len) zero ids outside the KV cache, logits of the last."""
@@ -537,6 +579,29 @@ class Engine:
         positions = torch.arange(n, device=self.device)[None].expand(3, -1)
         hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
         self.thinker.logits(hidden[-1:])
+
+    def _out_of_memory(self, batch: Batch, exc: torch.OutOfMemoryError) -> list[StepOutput]:
+        """A step with prompt tokens ran out of accelerator memory: its largest prompt part (one
+        with media first: the encoders run on it) is the likely cause. That request fails with
+        the reason, its blocks and embeddings are freed, and the engine carries on: the step
+        committed nothing, so the batch's other requests run it again next time. A decode-only
+        step has no request to blame (its buffers are fixed): that stays fatal."""
+        prompt_rows = [row for row in batch.rows if row[1] < len(row[0].prompt_ids)]
+        if not prompt_rows:
+            raise exc
+        req = max(prompt_rows, key=lambda row: (row[0].mm is not None, row[2]))[0]
+        self.scheduler.remove(req.request_id)  # frees its KV blocks
+        free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
+        del exc  # its traceback holds the failed step's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("request %s ran out of accelerator memory in its prefill; refused", req.request_id)
+        free = f" ({free_gib:.1f} GiB were free)" if free_gib is not None else ""
+        req.error = OutOfMemoryError(
+            f"the request needs more accelerator memory than the server has free{free}: send shorter or "
+            "fewer media (fewer video frames, a lower resolution) or a shorter prompt", param="messages")
+        self._finish(req, "error")
+        return [StepOutput(req, None, True)]
 
     def _finish(self, req: Request, reason: str) -> None:
         req.status = Status.FINISHED

@@ -23,3 +23,8 @@ class ContextLengthError(InputError):
 
 class MediaTooLargeError(MediaError):
     """A media input is beyond a configured limit (bytes, pixels, seconds)."""
+
+
+class OutOfMemoryError(InputError):
+    """A request needed more accelerator memory than was free (its media or prompt chunk too large
+    for what the server has left); the request is refused, the server carries on."""

@@ -102,7 +102,8 @@ class Request:        # comparing fields would compare tensors (the scheduler's 
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Any] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: Exception | None = None  # why, when finish_reason is "error"
     kv: Any = None
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
     capture: dict[int, list[torch.Tensor]] | None = None  # hidden states kept for the talker

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from thinktalk.config import ConfigNode, reference_config
-from thinktalk.models.vision_encoder import VisionEncoder
+from thinktalk.models.vision_encoder import VisionEncoder, frame_groups
 
 hf = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
 hf_cfg = pytest.importorskip("transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe")
@@ -90,6 +90,40 @@ def test_vision_parity(pair, name):
     for a, b in zip(deepstack, out.deepstack_features):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=ATOL, rtol=0), errs
+
+
+@pytest.mark.parametrize("max_patches", [36, 50, 100, 16])
+@pytest.mark.parametrize("name", ["video t=8", "image, video, image", "two images, different grids"])
+def test_vision_in_frame_groups(pair, name, max_patches, monkeypatch):
+    """Frames in groups of at most max_patches patches (one pass of the blocks each): the result
+    is transformers' for the whole input, and no block sees more than a group's patches."""
+    ref, ours, d = pair
+    grid = torch.tensor(GRIDS[name])
+    n = int(grid.prod(-1).sum())
+    torch.manual_seed(2)
+    pixels = torch.randn(n, d["in_channels"] * d["temporal_patch_size"] * d["patch_size"] ** 2)
+    largest_frame = int((grid[:, 1] * grid[:, 2]).max())
+    seen = []
+    real = type(ours.blocks[0]).forward
+    monkeypatch.setattr(type(ours.blocks[0]), "forward", lambda self, x, *a: (seen.append(x.shape[0]), real(self, x, *a))[1])
+    monkeypatch.setattr(ours, "max_patches_per_pass", max_patches)
+    with torch.no_grad():
+        out = ref(pixels, grid_thw=grid)
+        merged, deepstack = ours(pixels, grid)
+    assert max(seen) <= max(max_patches, largest_frame)
+    assert sum(seen) == n * d["depth"]
+    assert torch.allclose(merged, out.pooler_output, atol=ATOL, rtol=0)
+    for a, b in zip(deepstack, out.deepstack_features, strict=True):
+        assert torch.allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_frame_groups():
+    frames = [(4, 4)] * 3 + [(6, 6)] + [(2, 2)] * 2
+    assert frame_groups(frames, None) == [frames]
+    assert frame_groups(frames, 32) == [[(4, 4)] * 2, [(4, 4)], [(6, 6)], [(2, 2)] * 2]  # 36 > 32: alone
+    assert frame_groups(frames, 1000) == [frames]
+    assert frame_groups([], 10) == []
+    assert sum(frame_groups(frames, 20), []) == frames
 
 
 def test_vision_attention_is_per_frame(pair, monkeypatch):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from thinktalk.errors import InputError
+from thinktalk.errors import InputError, OutOfMemoryError
 from thinktalk.request import Request, SamplingParams
 from thinktalk.server.async_engine import AsyncEngine, EngineDead
 
@@ -16,7 +16,7 @@ from thinktalk.server.async_engine import AsyncEngine, EngineDead
 @dataclass
 class Out:
     request: Request
-    new_token: int
+    new_token: int | None
     finished: bool
 
 
@@ -53,6 +53,11 @@ class FakeEngine:
             raise RuntimeError("boom")
         outs = []
         for r in list(self.running):
+            if r.sampling.seed == -2:  # refused while running, as Engine._out_of_memory does
+                self.running.remove(r)
+                r.finish_reason, r.error = "error", OutOfMemoryError("out of memory", param="messages")
+                outs.append(Out(r, None, True))
+                continue
             r.output_ids.append(len(r.output_ids))
             done = len(r.output_ids) >= r.sampling.max_new_tokens
             if done:
@@ -190,6 +195,30 @@ def test_refusals_fail_that_request_only():
     errors, tokens, engine = run(main())
     assert errors == ["seed", "voice"] and tokens == [0, 1]
     assert "d" in engine.aborted  # its text was stopped when its speech was refused
+
+
+def test_a_request_refused_while_running_fails_alone():
+    """The engine refuses a running request (out of memory in its prefill): its stream raises the
+    engine's error, its speech is cancelled, and the other requests and the engine carry on."""
+    async def main():
+        engine, stage = FakeEngine(), FakeStage()
+        eng = AsyncEngine(engine, speech=stage)
+        eng.start(asyncio.get_running_loop())
+        bad = eng.add(request("f", 3, "ethan", seed=-2), speak=True)
+        good = eng.add(request("g", 2))
+        with pytest.raises(OutOfMemoryError) as info:
+            async for _ in bad:
+                pass
+        tokens = [t async for ev in good for t in ev.token_ids]
+        later = [t async for ev in eng.add(request("h", 3)) for t in ev.token_ids]
+        await asyncio.sleep(0.05)  # the cancelled speech's last step
+        eng.stop()
+        return info.value, tokens, later, stage, eng, bad
+
+    err, tokens, later, stage, eng, bad = run(main())
+    assert err.param == "messages" and tokens == [0, 1] and later == [0, 1, 2]
+    assert bad.finish_reason == "error" and stage.cancelled == ["f"]
+    assert eng.error is None and eng.stats["running"] == 0
 
 
 def test_engine_death_reaches_every_stream_and_is_reported():

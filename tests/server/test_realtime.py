@@ -275,7 +275,7 @@ def test_beta_dialect_16k(server, speech):
             await conn.response.create()
             log = await events_until(conn, "response.done")
             names = types(log)
-            assert "response.audio.delta" in names and "response.audio_transcript.delta" in names
+            assert "response.audio.delta" in names and "response.audio_transcript.delta" in names, (names, log[-1][1])
             assert "response.audio.done" in names and "response.audio_transcript.done" in names
             assert not [n for n in names if n.startswith("response.output_audio")]
             assert log[-1][1].response.voice == "Chelsie"

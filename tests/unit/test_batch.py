@@ -300,3 +300,38 @@ def test_a_batch_item_that_forces_a_tool_call_fails_alone(omni, tmp_path):
     for cid in ("required", "named"):
         err = rows[cid]["error"]
         assert err["code"] == "invalid_request_error" and "needs guided decoding" in err["message"], err
+
+
+def test_a_batch_item_that_runs_out_of_memory_fails_alone(omni, media, tmp_path, monkeypatch):
+    """The engine refuses an item's request mid-run (out of accelerator memory in its media's
+    encoder): that item is an invalid_request_error saying so, the others are answered, the run
+    ends and every KV block is back."""
+    import torch
+
+    visual = omni.engine.thinker.visual
+    real = type(visual).forward
+
+    def forward(self, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join([
+        _line("text", "/v1/chat/completions", _chat("Hello")),
+        _line("image", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(media["image"])}}, {"type": "text", "text": "What is it?"}]}],
+            "max_tokens": 3, "temperature": 0, "n": 2}),
+        _line("text2", "/v1/chat/completions", _chat("Bye")),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(type(visual), "forward", forward)
+    stats = run_batch(inp, out, EngineBackend(omni), progress=False)
+    monkeypatch.setattr(type(visual), "forward", real)
+    rows = {r["custom_id"]: r for r in read_output(out)}
+    assert stats.done == 2 and stats.errors == 1
+    assert rows["text"]["error"] is None and rows["text2"]["error"] is None
+    err = rows["image"]["error"]
+    assert err["code"] == "invalid_request_error" and "more accelerator memory" in err["message"], err
+    engine = omni.engine
+    assert not engine.has_work()
+    if engine.block_manager is not None:
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

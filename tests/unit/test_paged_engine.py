@@ -356,3 +356,101 @@ def test_the_talkers_hidden_states_are_part_of_the_kv_budget(model):
     assert speaking.pool.hidden.shape == (budget // both + 1, 4, text.hidden_size)
     for engine in (Engine(model, EOS, config), Engine(model, EOS, replace(config, enable_prefix_caching=False), capture_layer=2)):
         assert engine.pool.hidden is None and engine.block_manager.num_blocks == budget // kv
+
+
+# -- out of accelerator memory in a prefill ---------------------------------------------------------
+def _oom_on_media(model, monkeypatch, times=1):
+    """The vision encoder raises torch.OutOfMemoryError (as CUDA would for a too-large video) the
+    first `times` calls."""
+    visual = model.thinker.visual
+    real = type(visual).forward
+    left = [times]
+
+    def forward(self, *args, **kw):
+        if left[0] > 0:
+            left[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(type(visual), "forward", forward)
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole-prompt", "chunked-prefill"])
+def test_out_of_memory_in_a_prefill_fails_that_request_only(model, monkeypatch, chunk):
+    """The request whose media ran out of memory finishes with reason "error" and an
+    OutOfMemoryError saying what to do; its blocks are freed at once, the requests that shared
+    its step give the reference's tokens, and the engine takes new media requests after it."""
+    from thinktalk.errors import InputError, OutOfMemoryError
+
+    text = [_request(_prompt(n, s), n_new=6) for n, s in PROMPTS[:2]]
+    ref = _reference(model, text)
+    media_ref = _reference(model, [_image_request(model, 0)])[0]
+    engine = Engine(model, EOS, _paged(**({"max_prefill_tokens": chunk} if chunk else {})))
+    baseline = engine.block_manager.num_free_blocks
+    big = _image_request(model, 0)
+    for r in (text[0], big, text[1]):  # one step holds all three prompts (or chunks of them)
+        engine.add_request(r)
+    _oom_on_media(model, monkeypatch)
+    finished = []
+    while engine.has_work():
+        finished += [o.request for o in engine.step() if o.finished]
+    assert big.finish_reason == "error" and big.output_ids == [] and big.kv is None
+    assert isinstance(big.error, OutOfMemoryError) and isinstance(big.error, InputError)
+    assert "shorter or fewer media" in str(big.error)
+    assert big in finished
+    assert [r.output_ids for r in text] == ref
+    assert engine.block_manager.num_free_blocks == baseline
+    again = _image_request(model, 0)  # the encoder works again: served as usual
+    engine.add_request(again)
+    while engine.has_work():
+        engine.step()
+    assert again.output_ids == media_ref and again.error is None
+
+
+def test_out_of_memory_in_a_decode_step_stays_fatal(model, monkeypatch):
+    """A decode-only step has no request to blame: the error propagates (the server reports the
+    engine dead rather than guessing)."""
+    engine = Engine(model, EOS, _paged())
+    r = _request(_prompt(5, 1), n_new=4)
+    engine.add_request(r)
+    engine.step()  # the prefill
+
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine, "_run", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+
+
+def test_engine_sets_the_vision_pass_size(model):
+    visual = model.thinker.visual
+    try:
+        Engine(model, EOS, _paged(vision_max_patches=8))
+        assert visual.max_patches_per_pass == 8
+        Engine(model, EOS, _paged(vision_max_patches=None))
+        assert visual.max_patches_per_pass is None
+    finally:
+        visual.max_patches_per_pass = EngineConfig().vision_max_patches
+
+
+def test_kv_sizing_profile_covers_a_vision_pass_and_held_embeddings(model, monkeypatch):
+    """The activation profile KV sizing runs (on CUDA) includes a vision pass of the most patches
+    one pass takes (whole square frames) and holds buffers for a max-length media prompt's
+    embeddings; run here on the CPU, with the calls recorded."""
+    engine = Engine(model, EOS, _paged(vision_max_patches=40, max_prefill_tokens=8))
+    visual = model.thinker.visual
+    merge = visual.spatial_merge_size
+    seen, held = [], []
+    real_visual = type(visual).forward
+    monkeypatch.setattr(type(visual), "forward", lambda self, px, grid: (seen.append((px.shape[0], grid.tolist())),
+                                                                          real_visual(self, px, grid))[1])
+    real_buffer = engine._prompt_embeddings
+    monkeypatch.setattr(engine, "_prompt_embeddings", lambda rows: held.append(real_buffer(rows)) or held[-1])
+    engine._profile_prefill()
+    assert len(seen) == 1
+    patches, [[t, h, w]] = seen[0]
+    assert patches == t * h * w <= 40 and h == w and h % merge == 0 and patches > 40 // 2
+    hidden = model.thinker.cfg.text_config.hidden_size
+    layers = 1 + len(visual.deepstack_visual_indexes)
+    assert [tuple(b.shape) for b in held] == [(engine.max_model_len, layers * hidden), (engine.max_model_len, 2 * hidden)]

@@ -79,8 +79,11 @@ class Thinker(nn.Module):
             stacks.append((mask, deep))
         if not stacks:
             return embeds, None
+        if len(stacks) == 1:  # images or videos alone: their features are already in token order
+            mask, deep = stacks[0]
+            return embeds, (mask, [d.to(embeds.dtype) for d in deep])
         # deepstack features of images and videos merged in token order
-        visual_mask = stacks[0][0] if len(stacks) == 1 else stacks[0][0] | stacks[1][0]
+        visual_mask = stacks[0][0] | stacks[1][0]
         merged = []
         for layer in range(len(stacks[0][1])):
             joint = embeds.new_zeros(int(visual_mask.sum()), embeds.shape[-1])

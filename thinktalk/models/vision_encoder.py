@@ -158,6 +158,10 @@ class VisionEncoder(nn.Module):
     -> (embeddings [N / spatial_merge_size^2, out_hidden_size], [deepstack features, same shape]).
     """
 
+    # Patches one pass of the blocks takes at most (whole frames; a larger frame goes alone). Set
+    # by the engine (EngineConfig.vision_max_patches); None: every frame in one pass.
+    max_patches_per_pass: int | None = None
+
     def __init__(self, config: ConfigNode):
         super().__init__()
         self.config = config
@@ -221,13 +225,30 @@ class VisionEncoder(nn.Module):
                 f"pixel_values must be [{n}, {self.patch_embed.patch_dim}] for grid_thw {grids}, "
                 f"got {tuple(pixel_values.shape)}"
             )
+        # attention never crosses a frame and every other layer works per patch, so the frames can
+        # go through in groups: the activations then take memory for one group, not for a whole
+        # video (a 120 s video is ~100k patches; its MLP activations alone were GiBs)
+        frames = [(h, w) for t, h, w in grids for _ in range(t)]
+        tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        outs: list[torch.Tensor] = []
+        deeps: list[list[torch.Tensor]] = []
+        row = 0
+        for group in frame_groups(frames, self.max_patches_per_pass):
+            size = sum(h * w for h, w in group)
+            out, deep = self._encode_frames(pixel_values[row : row + size], group, tables)
+            outs.append(out)
+            deeps.append(deep)
+            row += size
+        if len(outs) == 1:
+            return outs[0], deeps[0]
+        return torch.cat(outs), [torch.cat(parts) for parts in zip(*deeps)]
 
+    def _encode_frames(self, pixel_values: torch.Tensor, frames: list[tuple[int, int]], tables: dict):
+        """The blocks and mergers over consecutive frames (h, w) whose patches are `pixel_values`."""
         x = self.patch_embed(pixel_values)
         device = x.device
-
-        tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         pos_parts, cos_parts, sin_parts, seg_lens = [], [], [], []
-        for t, h, w in grids:
+        for (h, w), t in _runs(frames):
             if (h, w) not in tables:
                 tables[(h, w)] = self._frame_tables(h, w, device)
             pos, cos, sin = tables[(h, w)]
@@ -237,7 +258,7 @@ class VisionEncoder(nn.Module):
             seg_lens += [h * w] * t  # attention never crosses a frame
         x = x + torch.cat(pos_parts)
         cos, sin = torch.cat(cos_parts), torch.cat(sin_parts)
-        del pos_parts, cos_parts, sin_parts, tables
+        del pos_parts, cos_parts, sin_parts
 
         deepstack: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -245,3 +266,31 @@ class VisionEncoder(nn.Module):
             if i in self.deepstack_visual_indexes:
                 deepstack.append(self.merger_list[self.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack
+
+
+def _runs(frames: list[tuple[int, int]]):
+    """(size, count) of each run of equal consecutive frame sizes."""
+    runs: list[list] = []
+    for f in frames:
+        if runs and runs[-1][0] == f:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
+    return [(f, t) for f, t in runs]
+
+
+def frame_groups(frames: list[tuple[int, int]], max_patches: int | None) -> list[list[tuple[int, int]]]:
+    """Consecutive frames (h, w) in groups of at most max_patches patches each (a larger frame
+    alone); all in one group when max_patches is None."""
+    if not max_patches:
+        return [frames] if frames else []
+    groups: list[list[tuple[int, int]]] = []
+    size = 0
+    for h, w in frames:
+        if groups and size + h * w <= max_patches:
+            groups[-1].append((h, w))
+            size += h * w
+        else:
+            groups.append([(h, w)])
+            size = h * w
+    return groups

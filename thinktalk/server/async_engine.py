@@ -260,7 +260,14 @@ class AsyncEngine:
         for out in outputs:
             req = out.request
             stream = self._streams.get(req.request_id)
-            if stream is None or out.new_token is None:
+            if stream is None:
+                continue
+            if out.new_token is None:  # refused while running (engine._out_of_memory)
+                if out.finished and req.error is not None:
+                    del self._streams[req.request_id]
+                    items.append((stream, EngineEvent(error=req.error)))
+                    if req.request_id in self._speaking:
+                        self.speech.cancel(req.request_id)
                 continue
             ev = EngineEvent(token_ids=[out.new_token])
             if req.sampling.logprobs is not None and req.output_logprobs:
