@@ -55,6 +55,7 @@ from .kernels import paged_attention as pa
 from .kernels.common import set_programmatic_launch
 from .kv_cache import ContiguousPool, PagedPool, plan_num_blocks
 from .layers.attention import Attention, ContiguousKV, SequenceKV, fuse_qkv
+from .layers.decoder import DecoderLayer
 from .layers.mlp import GatedMLP, fuse_gate_up
 from .layers.moe import SparseMoE
 from .layers.norm import RMSNorm
@@ -105,6 +106,10 @@ class EngineConfig:
     # wide: the last engine built sets it for every model in the process (the speech stages use
     # the same kernels).
     programmatic_launch: bool = False
+    # with decode_gemv: each layer's residual add + input RMSNorm folded into its q/k/v GEMV
+    # (kernels/norm_gemv.py: one kernel a layer fewer at one or two rows). Off by default until
+    # measured on a GPU.
+    fuse_norm_gemv: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -139,16 +144,18 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
     return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
 
 
-def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True) -> None:
+def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = False) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
     MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel), and the
     float linears take GEMVs for the few rows of a decode step (kernels/gemv.py); the MoE kernel
-    is the fused grouped GEMM, GEMVs over the selected experts for a few tokens."""
+    is the fused grouped GEMM, GEMVs over the selected experts for a few tokens. fuse_norm_gemv
+    (with decode_gemv): the decoder layers' input norm folded into their q/k/v GEMV (norm_gemv.py)."""
     from .kernels import gemv
     from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
+    from .kernels.norm_gemv import add_norm_linear
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
     from .kernels.router import softmax_topk
@@ -167,6 +174,8 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True)
             module.qk_kernel = qk_norm_rope
             module.linear_fn = linear
             fuse_qkv(module)
+        elif layers and isinstance(module, DecoderLayer):  # set either way, as `linear`
+            module.norm_linear_fn = add_norm_linear if decode_gemv and fuse_norm_gemv else None
         elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
             module.linear_fn = linear
             if fuse_gate_up(module):
@@ -194,7 +203,7 @@ class Engine:
             layer_kernels=("triton" if on_cuda else "torch") if self.config.layer_kernels == "auto" else self.config.layer_kernels,
         )
         use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
-                           decode_gemv=self.config.decode_gemv)
+                           decode_gemv=self.config.decode_gemv, fuse_norm_gemv=self.config.fuse_norm_gemv)
         set_programmatic_launch(self.config.programmatic_launch)  # before the kernels' warm-up and graph capture
         visual = getattr(self.thinker, "visual", None)
         if visual is not None:

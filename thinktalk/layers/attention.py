@@ -61,16 +61,21 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         return self.output(kv.attend(self.layer, q, k, v, self.scale))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store=None):
+    def project(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, store=None,
+                qkv: torch.Tensor | None = None):
         """The per-token part before attention: q [N, Hq, D], k/v [N, Hkv, D], normed and rotated.
         store: (k_cache, v_cache, slots) of a backend that lets the q/k kernel write the new keys
-        and values into its cache (`store_target`), then attends with `attend_stored`."""
-        n = x.shape[0]
-        if self.qkv_weight is not None or self.qkv_proj is not None:
-            qkv = self.linear_fn(x, self.qkv_weight) if self.qkv_weight is not None else self.qkv_proj(x)
+        and values into its cache (`store_target`), then attends with `attend_stored`.
+        qkv: the fused q/k/v product already computed (x is then unused: the decoder layer's
+        norm_linear_fn made it from the un-normed input)."""
+        if qkv is not None or self.qkv_weight is not None or self.qkv_proj is not None:
+            if qkv is None:
+                qkv = self.linear_fn(x, self.qkv_weight) if self.qkv_weight is not None else self.qkv_proj(x)
+            n = qkv.shape[0]
             q, k, v = qkv.split(
                 [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         else:
+            n = x.shape[0]
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)

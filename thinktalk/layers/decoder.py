@@ -31,6 +31,11 @@ def is_moe_layer(cfg: ConfigNode, layer: int) -> bool:
 
 
 class DecoderLayer(nn.Module):
+    # (x, residual, norm weight, eps, weight) -> (linear(norm(x + residual)), x + residual): the
+    # input norm folded into the fused q/k/v product. None: the norm, then the product. The engine
+    # installs kernels/norm_gemv.add_norm_linear where EngineConfig.fuse_norm_gemv is on.
+    norm_linear_fn = None
+
     def __init__(self, cfg: ConfigNode, layer: int):
         super().__init__()
         eps = cfg.rms_norm_eps
@@ -60,6 +65,10 @@ class DecoderLayer(nn.Module):
         the q/k/v projections, normed and rotated (and written to the KV cache: `Attention.project`)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
+        elif self.norm_linear_fn is not None and self.self_attn.qkv_weight is not None:
+            norm = self.input_layernorm
+            qkv, residual = self.norm_linear_fn(x, residual, norm.weight, norm.eps, self.self_attn.qkv_weight)
+            return (*self.self_attn.project(None, cos, sin, store, qkv=qkv), residual)
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
         return (*self.self_attn.project(h, cos, sin, store), residual)

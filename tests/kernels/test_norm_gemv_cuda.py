@@ -1,0 +1,106 @@
+"""The input norm folded into the q/k/v GEMV (kernels/norm_gemv.py) on the GPU, at the thinker's
+shape: the residual stream bit-equal to the unfused norm kernel's, the product within bf16 rounding
+of the exact math (and of the unfused path), the same bits with programmatic launch on and off and
+from a CUDA graph; an engine's greedy tokens with it equal to those without (fp32 tiny model).
+
+    pytest -q tests/kernels/test_norm_gemv_cuda.py   # on a CUDA machine, in its own process
+"""
+
+import pytest
+import torch
+
+from thinktalk.kernels import common
+from thinktalk.kernels.common import interpreting
+from thinktalk.kernels.gemv import gemv
+from thinktalk.kernels.norm_gemv import add_norm_gemv, add_norm_linear
+from thinktalk.kernels.rms_norm import add_rms_norm
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(common.triton is None or interpreting(), reason="the kernels run in the Triton interpreter here"),
+]
+
+H, QKV = 2048, 5120
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _restore_switch():
+    yield
+    common.set_programmatic_launch(False)
+
+
+def _inputs(rows: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(torch.bfloat16)
+
+    return rand(rows, H, scale=3), rand(rows, H, scale=5), 1 + rand(H, scale=0.2), rand(QKV, H, scale=H**-0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_fused_against_the_unfused_kernels_and_the_exact_math(rows):
+    x, residual, norm_weight, weight = _inputs(rows)
+    y, total = add_norm_gemv(x, residual, norm_weight, EPS, weight)
+    normed, ref_total = add_rms_norm(x, residual, norm_weight, EPS)
+    ref_y = gemv(normed, weight)
+    assert torch.equal(total, ref_total)
+    h = total.double()
+    exact = (h * norm_weight.double() * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)) @ weight.double().T
+    scale = exact.abs().max().item()
+    fused_err = (y.double() - exact).abs().max().item()
+    unfused_err = (ref_y.double() - exact).abs().max().item()
+    print(f"rows={rows}: max abs err fused {fused_err:.3e}, unfused {unfused_err:.3e} (max |y| {scale:.2f})")
+    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-4 * scale).all()  # one round to nearest
+    assert fused_err <= unfused_err + 1e-4 * scale
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_same_bits_with_programmatic_launch_and_in_a_graph(rows):
+    x, residual, norm_weight, weight = _inputs(rows, 1)
+    common.set_programmatic_launch(False)
+    plain = add_norm_linear(x, residual, norm_weight, EPS, weight)
+    common.set_programmatic_launch(True)
+    pdl = add_norm_linear(x, residual, norm_weight, EPS, weight)
+    static_x, static_r = x.clone(), residual.clone()
+    add_norm_linear(static_x, static_r, norm_weight, EPS, weight)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = add_norm_linear(static_x, static_r, norm_weight, EPS, weight)
+    for seed in range(3):
+        nx, nr, _, _ = _inputs(rows, 10 + seed)
+        static_x.copy_(nx)
+        static_r.copy_(nr)
+        graph.replay()
+        common.set_programmatic_launch(False)
+        want = add_norm_linear(nx, nr, norm_weight, EPS, weight)
+        common.set_programmatic_launch(True)
+        assert all(torch.equal(a, b) for a, b in zip(out, want))
+    assert all(torch.equal(a, b) for a, b in zip(plain, pdl))
+
+
+def test_engine_tokens_equal_with_and_without():
+    from thinktalk.config import config_from_dict
+    from thinktalk.engine import Engine, EngineConfig
+    from thinktalk.request import Request, SamplingParams
+    from thinktalk.weights.loader import build_model
+    from thinktalk.weights.tiny import randomize_
+    from thinktalk.weights.tiny_config import tiny_config_dict
+
+    model = randomize_(build_model(config_from_dict(tiny_config_dict()), "cuda", torch.float32, with_talker=False), 3)
+
+    def run(fuse: bool):
+        engine = Engine(model, [-1], EngineConfig(fuse_norm_gemv=fuse, num_kv_blocks=256, max_num_seqs=8))
+        reqs = []
+        for seed, (n, new) in enumerate([(5, 40), (19, 25)]):  # decode steps of 2 rows, then 1
+            ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+            reqs.append(Request(ids, torch.arange(n)[None].expand(3, -1).clone(), 0,
+                                SamplingParams(temperature=0, max_new_tokens=new)))
+            engine.add_request(reqs[-1])
+        while engine.has_work():
+            engine.step()
+        assert engine.decode_graphs is not None
+        return [r.output_ids for r in reqs]
+
+    assert run(True) == run(False)
