@@ -106,9 +106,9 @@ class EngineConfig:
     # wide: the last engine built sets it for every model in the process (the speech stages use
     # the same kernels).
     programmatic_launch: bool = False
-    # with decode_gemv: each layer's residual add + input RMSNorm folded into its q/k/v GEMV
-    # (kernels/norm_gemv.py: one kernel a layer fewer at one or two rows). Off by default until
-    # measured on a GPU.
+    # with decode_gemv: each layer's residual add + RMSNorm folded into the GEMVs that read the
+    # normed row, the q/k/v product and the MoE's router and gate-up (kernels/norm_gemv.py: two
+    # kernels a layer fewer at a few decode rows). Off by default until measured on a GPU.
     fuse_norm_gemv: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
@@ -155,7 +155,7 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
     from .kernels import gemv
     from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
-    from .kernels.norm_gemv import add_norm_linear
+    from .kernels.norm_gemv import add_norm_linear, add_norm_moe
     from .kernels.rms_norm import add_rms_norm, rms_norm
     from .kernels.rope import qk_norm_rope
     from .kernels.router import softmax_topk
@@ -175,7 +175,9 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
             module.linear_fn = linear
             fuse_qkv(module)
         elif layers and isinstance(module, DecoderLayer):  # set either way, as `linear`
-            module.norm_linear_fn = add_norm_linear if decode_gemv and fuse_norm_gemv else None
+            fuse = decode_gemv and fuse_norm_gemv
+            module.norm_linear_fn = add_norm_linear if fuse else None
+            module.norm_moe_fn = add_norm_moe if fuse and moe and isinstance(module.mlp, SparseMoE) else None
         elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
             module.linear_fn = linear
             if fuse_gate_up(module):

@@ -74,8 +74,8 @@ def test_fused_bf16_is_the_exact_math_up_to_the_output_rounding(m):
 
 
 def test_add_norm_linear_routes_by_rows_and_support():
-    """The GEMV for 1..2 rows of a supported weight; the unfused kernels (same results as the
-    reference) for more rows, or a weight of another dtype."""
+    """The GEMV for the rows gemv.linear gives one (8 of a narrow weight, 2 of a wide one); the
+    unfused kernels (same results as the reference) for more rows, or a weight of another dtype."""
     n, k = 24, 64
     for m in (1, 2, 3, 9):
         x, residual, norm_weight, weight = _inputs(m, n, k, torch.float32, m)
@@ -86,7 +86,10 @@ def test_add_norm_linear_routes_by_rows_and_support():
     assert not ng.norm_gemv_supported(x, residual, norm_weight, weight.double())
     assert not ng.norm_gemv_supported(x[:, :32], residual, norm_weight, weight)
     with pytest.raises(ValueError, match="add_norm_linear routes the rest"):
-        ng.add_norm_gemv(torch.cat([x] * 3), torch.cat([residual] * 3), norm_weight, EPS, weight)
+        ng.add_norm_gemv(torch.cat([x] * 9), torch.cat([residual] * 9), norm_weight, EPS, weight)
+    wide = torch.zeros(1025, 64)  # past NARROW_N: 2 rows at most, as gemv.linear
+    assert ng.norm_gemv_supported(torch.cat([x] * 2), torch.cat([residual] * 2), norm_weight, wide)
+    assert not ng.norm_gemv_supported(torch.cat([x] * 3), torch.cat([residual] * 3), norm_weight, wide)
 
 
 def test_reference_is_the_decoder_layers_unfused_math():
@@ -94,3 +97,47 @@ def test_reference_is_the_decoder_layers_unfused_math():
     y, total = ng.add_norm_gemv_reference(x, residual, norm_weight, EPS, weight)
     assert torch.equal(total, residual + x)
     assert torch.equal(y, torch.nn.functional.linear(rms_norm_reference(residual + x, norm_weight, EPS), weight))
+
+
+# -- the post-attention norm folded into the MoE ----------------------------------------------------
+def _moe(dtype, seed, shared=0):
+    from thinktalk.layers.moe import SparseMoE
+
+    torch.manual_seed(seed)
+    moe = SparseMoE(64, 24, 8, 3, shared_expert_intermediate_size=shared)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    return moe.to(dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_norm_in_the_moe_matches_the_unfused_reference_fp32(tokens):
+    moe = _moe(torch.float32, tokens)
+    x, residual, norm_weight, _ = _inputs(tokens, 8, 64, torch.float32, 100 + tokens)
+    got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe)
+    assert got is not None
+    out, total = got
+    ref_out, ref_total = ng.add_norm_moe_reference(x, residual, norm_weight, EPS, moe)
+    assert torch.equal(total, ref_total)
+    assert (out - ref_out).abs().max() < 1e-4 * max(1.0, ref_out.abs().max().item())
+
+
+def test_norm_in_the_moe_bf16_within_its_rounding():
+    moe = _moe(torch.bfloat16, 1)
+    x, residual, norm_weight, _ = _inputs(2, 8, 64, torch.bfloat16, 5)
+    out, total = ng.add_norm_moe(x, residual, norm_weight, EPS, moe)
+    ref_out, ref_total = ng.add_norm_moe_reference(x, residual, norm_weight, EPS, moe)
+    assert torch.allclose(total, ref_total, rtol=2**-7, atol=0)  # the interpreter truncates (see above)
+    scale = ref_out.float().abs().max().item()
+    assert torch.allclose(out.float(), ref_out.float(), rtol=0.05, atol=0.03 * scale)
+
+
+def test_norm_in_the_moe_declines_what_it_does_not_cover():
+    """A shared expert, more tokens than the MoE GEMVs take, experts of another dtype: None (the
+    layer then runs the norm and the MoE as before)."""
+    x, residual, norm_weight, _ = _inputs(1, 8, 64, torch.float32, 0)
+    assert ng.add_norm_moe(x, residual, norm_weight, EPS, _moe(torch.float32, 0, shared=16)) is None
+    nine = _inputs(9, 8, 64, torch.float32, 0)
+    assert ng.add_norm_moe(nine[0], nine[1], nine[2], EPS, _moe(torch.float32, 0)) is None
+    assert ng.add_norm_moe(x, residual, norm_weight, EPS, _moe(torch.float64, 0)) is None

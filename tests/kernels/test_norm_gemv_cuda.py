@@ -1,7 +1,8 @@
-"""The input norm folded into the q/k/v GEMV (kernels/norm_gemv.py) on the GPU, at the thinker's
-shape: the residual stream bit-equal to the unfused norm kernel's, the product within bf16 rounding
+"""The norms folded into the decode GEMVs (kernels/norm_gemv.py) on the GPU, at the thinker's shapes:
+the residual stream bit-equal to the unfused norm kernel's, the q/k/v product within bf16 rounding
 of the exact math (and of the unfused path), the same bits with programmatic launch on and off and
-from a CUDA graph; an engine's greedy tokens with it equal to those without (fp32 tiny model).
+from a CUDA graph; the MoE (router, gate-up with the norm, down) against the unfused kernels; an
+engine's greedy tokens with it equal to those without (fp32 tiny model).
 
     pytest -q tests/kernels/test_norm_gemv_cuda.py   # on a CUDA machine, in its own process
 """
@@ -78,6 +79,32 @@ def test_same_bits_with_programmatic_launch_and_in_a_graph(rows):
         common.set_programmatic_launch(True)
         assert all(torch.equal(a, b) for a, b in zip(out, want))
     assert all(torch.equal(a, b) for a, b in zip(plain, pdl))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+def test_norm_in_the_moe_against_the_unfused_kernels(tokens):
+    """The thinker's MoE shape (128 experts, top 8, I = 768) in fp32, so a top-k choice cannot flip
+    on the rounding: the same experts, the residual bit-equal, outputs within fp32 sums' order."""
+    from thinktalk.kernels import gemv as gm
+    from thinktalk.kernels.norm_gemv import add_norm_moe
+    from thinktalk.kernels.router import softmax_topk
+    from thinktalk.layers.moe import SparseMoE
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        moe = SparseMoE(H, 768, 128, 8)
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    x, residual, norm_weight, _ = (t.float() for t in _inputs(tokens, 2))
+    out, total = add_norm_moe(x, residual, norm_weight, EPS, moe)
+    normed, ref_total = add_rms_norm(x, residual, norm_weight, EPS)
+    weights, ids = softmax_topk(gm.linear(normed, moe.gate.weight), 8, True)
+    ref = gm.experts(normed, moe.experts.gate_up_proj, moe.experts.down_proj, weights, ids)
+    assert torch.equal(total, ref_total)
+    err = (out - ref).abs().max().item()
+    print(f"moe tokens={tokens}: max abs err {err:.3e} (max |out| {ref.abs().max().item():.2f})")
+    assert err < 1e-4 * ref.abs().max().item() + 1e-5
 
 
 def test_engine_tokens_equal_with_and_without():

@@ -58,7 +58,7 @@ def test_every_kernel_taking_use_pdl_waits_before_touching_memory():
         "_rms_norm_kernel", "_qk_norm_rope_kernel", "_paged_decode_kernel", "_merge_splits_kernel",
         "_softmax_topk_kernel", "_gemv_kernel", "_split_sum_kernel", "_moe_gate_up_gemv_kernel",
         "_moe_down_gemv_kernel", "_align_one_program_kernel", "_gate_up_kernel", "_down_kernel",
-        "_sum_slots_kernel", "_silu_mul_kernel", "_add_norm_gemv_kernel",
+        "_sum_slots_kernel", "_silu_mul_kernel", "_add_norm_gemv_kernel", "_moe_gate_up_norm_kernel",
     }
     for module, name, fn in with_pdl:
         before = _before_wait(fn)

@@ -456,26 +456,39 @@ def test_kv_sizing_profile_covers_a_vision_pass_and_held_embeddings(model, monke
     assert [tuple(b.shape) for b in held] == [(engine.max_model_len, layers * hidden), (engine.max_model_len, 2 * hidden)]
 
 
-def test_the_input_norm_folded_into_the_qkv_gemv_in_the_engine(model, monkeypatch):
-    """Every layer kernel and decode GEMV (Triton interpreter) inside the engine with the input norm
-    folded into the q/k/v GEMV (fuse_norm_gemv): the reference's greedy tokens (fp32: the fused
-    norm's other rounding is far below a token flip), the fused kernel taking the decode steps."""
+def test_the_norms_folded_into_the_gemvs_in_the_engine(model, monkeypatch):
+    """Every layer kernel and decode GEMV (Triton interpreter) inside the engine with the norms
+    folded into the q/k/v and MoE GEMVs (fuse_norm_gemv): the reference's greedy tokens (fp32: the
+    fused norm's other rounding is far below a token flip), the fused kernels taking the decode steps."""
     from thinktalk.kernels import norm_gemv as ng
     from thinktalk.kernels.common import available
     from thinktalk.layers.decoder import DecoderLayer
+    from thinktalk.layers.moe import SparseMoE
 
     if not available("cpu"):
         pytest.skip("triton is not installed")
-    reqs = [_request(_prompt(n, s), n_new=3) for n, s in PROMPTS[:2]]
+    reqs = [_request(_prompt(n, s), n_new=new) for (n, s), new in zip(PROMPTS[:2], (3, 5))]
     ref = _reference(model, reqs)
     fresh = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), seed=3)
-    rows = []
-    real = ng.add_norm_gemv
+    rows, moe_rows = [], []
+    real, real_moe = ng.add_norm_gemv, ng.add_norm_moe
     monkeypatch.setattr(ng, "add_norm_gemv", lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
+
+    def norm_moe(x, *a):
+        out = real_moe(x, *a)
+        moe_rows.append(None if out is None else x.shape[0])
+        return out
+
+    monkeypatch.setattr(ng, "add_norm_moe", norm_moe)
     config = _paged(decode_attention="triton", moe_kernel="triton", layer_kernels="triton", fuse_norm_gemv=True)
     outs, engine = _run(fresh, config, [_clone(r) for r in reqs])
     layers = [m for m in fresh.modules() if isinstance(m, DecoderLayer)]
+    moe_layers = [layer for layer in layers if isinstance(layer.mlp, SparseMoE)]
     assert all(layer.norm_linear_fn is ng.add_norm_linear for layer in layers)
+    assert moe_layers and all(layer.norm_moe_fn is norm_moe for layer in moe_layers)
     assert outs == ref
-    # decode steps of 2 rows, then 1 (layers after the first: the first has no residual to add)
-    assert rows and set(rows) <= {1, 2} and len(rows) % (len(layers) - 1) == 0
+    # decode steps of 2 rows, then 1: the q/k/v GEMVs of the layers after the first (the first
+    # has no residual to add) and the router GEMVs of the MoE layers; the MoE took them too
+    assert {n for n in moe_rows if n is not None} == {1, 2}
+    decode_moe_calls = sum(n is not None for n in moe_rows)
+    assert sorted(set(rows)) == [1, 2] and len(rows) == (len(layers) - 1) * decode_moe_calls // len(moe_layers) + decode_moe_calls

@@ -159,10 +159,10 @@ def moe_gemv(
     if n == 0:
         return torch.zeros_like(hidden)
     cfg = config or moe_gemv_config(n, top_k, hidden_size, inter, hidden.element_size())
-    return run_moe_gemv(hidden, topk_weights, topk_ids, inter, cfg, _float_args(gate_up_proj), _float_args(down_proj))
+    return run_moe_gemv(hidden, topk_weights, topk_ids, inter, cfg, float_expert_args(gate_up_proj), float_expert_args(down_proj))
 
 
-def _float_args(w: torch.Tensor):
+def float_expert_args(w: torch.Tensor):
     """run_moe_gemv's view of stacked float experts [E, N, K]: the weight, no scales."""
     k = w.shape[-1]
     return lambda block_k: ((w, w, w), (*w.stride(), 0, 0, 0, 0, 0, 0), k, _float_consts(k, block_k))

@@ -21,8 +21,17 @@ so outputs differ from the unfused path's at that rounding's level.
     add_norm_linear(...)                                   the same for any M: the GEMV where it
                                                            applies, else add_rms_norm + gemv.linear
 
-`add_norm_gemv_reference` (the unfused torch reference: add_rms_norm_reference, then F.linear) has
-the same signature and result up to that rounding.
+The layer's second norm (after attention) feeds the MoE: its router and its experts' gate-up
+product both read the normed row. `add_norm_moe` folds it into both, the same way: the router GEMV
+(program 0 writing the new residual h) and the gate-up GEMV over the selected experts, which reads
+h, multiplies by g and scales gate and up by the rsqrt before SiLU(gate) * up; the down GEMV is
+kernels/gemv.py's. For the few tokens the MoE GEMVs take (GEMV_MAX_TOKENS), float experts, no
+shared expert; else the caller runs the norm and the MoE as before.
+
+    add_norm_moe(x, residual, norm_weight, eps, moe)       -> (moe(norm(x + residual)), x + residual) or None
+
+`add_norm_gemv_reference` / `add_norm_moe_reference` (the unfused torch references) have the
+same signatures and results up to that rounding.
 """
 
 from __future__ import annotations
@@ -31,14 +40,19 @@ import torch
 import torch.nn.functional as F
 
 from .common import available, pdl_args, prefetch_l2, triton, wait_prior
-from .gemv import GEMV_MAX_ROWS_WIDE, gemv_config, gemv_supported, linear, prefetch_consts
+from .gemv import (
+    GEMV_MAX_M, GEMV_MAX_ROWS_WIDE, GEMV_MAX_TOKENS, NARROW_N, float_expert_args, gemv_config, gemv_supported, linear,
+    moe_gemv_config, prefetch_consts,
+)
 from .quant_gemv import DEFAULT_STAGES
+from .quant_moe_gemv import run_moe_down
 from .rms_norm import add_rms_norm, add_rms_norm_reference
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["add_norm_gemv", "add_norm_gemv_reference", "add_norm_linear", "norm_gemv_supported"]
+__all__ = ["add_norm_gemv", "add_norm_gemv_reference", "add_norm_linear", "norm_gemv_supported", "add_norm_moe",
+           "add_norm_moe_reference"]
 
 
 def add_norm_gemv_reference(x, residual, norm_weight, eps, weight):
@@ -48,9 +62,11 @@ def add_norm_gemv_reference(x, residual, norm_weight, eps, weight):
 
 
 def norm_gemv_supported(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A few rows (GEMV_MAX_ROWS_WIDE) of a float weight `gemv` takes, with a residual and a norm
-    weight of the input's shape and dtype."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS_WIDE and residual.shape == x.shape
+    """The rows `gemv.linear` gives a GEMV (GEMV_MAX_ROWS_WIDE, GEMV_MAX_M for a narrow weight
+    such as the router's) of a float weight it takes, with a residual and a norm weight of the
+    input's shape and dtype."""
+    most = GEMV_MAX_M if weight.shape[0] <= NARROW_N else GEMV_MAX_ROWS_WIDE
+    return (x.dim() == 2 and 0 < x.shape[0] <= most and residual.shape == x.shape
             and residual.dtype == x.dtype and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
             and gemv_supported(x, weight))
 
@@ -106,8 +122,8 @@ def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                   weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [M, K] (M <= GEMV_MAX_ROWS_WIDE), weight [N, K] -> (y [M, N], x + residual [M, K])."""
     if not norm_gemv_supported(x, residual, norm_weight, weight):
-        raise ValueError("add_norm_gemv takes 1..2 rows of a contiguous float weight of the input's dtype "
-                         "(add_norm_linear routes the rest)")
+        raise ValueError("add_norm_gemv takes the few rows gemv.linear gives a GEMV, of a contiguous float weight "
+                         "of the input's dtype (add_norm_linear routes the rest)")
     m, k = x.shape
     n = weight.shape[0]
     if x.stride(-1) != 1:
@@ -138,3 +154,93 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
         return add_norm_gemv(x, residual, norm_weight, eps, weight)
     normed, total = add_rms_norm(x, residual, norm_weight, eps)
     return linear(normed, weight), total
+
+
+def add_norm_moe_reference(x, residual, norm_weight, eps, moe):
+    """(moe(rms_norm(x + residual)), x + residual), unfused, in torch (moe: a layers.moe.SparseMoE)."""
+    from ..layers.moe import moe_reference, route
+
+    normed, total = add_rms_norm_reference(x, residual, norm_weight, eps)
+    weights, ids = route(normed, moe.gate.weight, moe.top_k, moe.norm_topk_prob)
+    return moe_reference(normed, moe.experts.gate_up_proj, moe.experts.down_proj, weights, ids, moe.act), total
+
+
+if triton is not None:
+
+    @triton.jit
+    def _moe_gate_up_norm_kernel(
+        h_ptr, g_ptr, w_ptr, ids_ptr, out_ptr,
+        hidden_size, inter_size, eps,
+        stride_hm, stride_we, stride_wn, stride_om,
+        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        """Program (pair, n block): SiLU(gate) * up of BLOCK_N rows of the pair's expert for the
+        normed row of the pair's token, h [token] read un-normed (quant_moe_gemv's gate-up kernel
+        with the norm folded in as in _add_norm_gemv_kernel)."""
+        wait_prior(USE_PDL)
+        pair = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        h_row = h_ptr + (pair // TOP_K) * stride_hm
+        w_e = w_ptr + expert * stride_we
+        offs_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_u = offs_g + inter_size  # the up rows follow the gate rows
+        n_ok = offs_g < inter_size
+        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for step in tl.range(0, tl.cdiv(hidden_size, BLOCK_K), num_stages=STAGES):
+            cols = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = cols < hidden_size
+            if EVEN_K:
+                w_mask = n_ok[:, None]
+            else:
+                w_mask = n_ok[:, None] & k_ok[None, :]
+            wg = tl.load(w_e + offs_g[:, None] * stride_wn + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            wu = tl.load(w_e + offs_u[:, None] * stride_wn + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            h = tl.load(h_row + cols, mask=k_ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+            squares += h * h
+            xg = (h * g)[None, :]
+            acc_g += tl.sum(wg * xg, axis=1)
+            acc_u += tl.sum(wu * xg, axis=1)
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / hidden_size + eps)
+        gate = acc_g * scale
+        out = gate * tl.sigmoid(gate) * (acc_u * scale)  # silu(gate) * up
+        tl.store(out_ptr + pair * stride_om + offs_g, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, moe):
+    """(moe(rms_norm(x + residual)), x + residual) for a layers.moe.SparseMoE with float experts and
+    no shared expert, x [N, H] of up to GEMV_MAX_TOKENS tokens; None where that does not hold (or
+    the kernels do not run here): the caller then runs the norm and the MoE itself."""
+    from .router import softmax_topk
+
+    experts = moe.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if (moe.shared_expert is not None or moe.act is not F.silu or not available(x.device)
+            or not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor)  # quantized experts
+            or x.shape[0] > GEMV_MAX_TOKENS or not norm_gemv_supported(x, residual, norm_weight, moe.gate.weight)
+            or not gemv_supported(x, gate_up) or not gemv_supported(x, down)):
+        return None
+    n, hidden_size = x.shape
+    logits, total = add_norm_gemv(x, residual, norm_weight, eps, moe.gate.weight)
+    weights, ids = softmax_topk(logits, moe.top_k, moe.norm_topk_prob)
+    top_k = ids.shape[1]
+    inter = gate_up.shape[1] // 2
+    cfg = moe_gemv_config(n, top_k, hidden_size, inter, x.element_size())
+    pdl = pdl_args(x.device)
+    flat_ids = ids.reshape(-1).contiguous()
+    inter_act = torch.empty(flat_ids.numel(), inter, dtype=x.dtype, device=x.device)
+    block_k = cfg["BLOCK_K_GU"]
+    _moe_gate_up_norm_kernel[(flat_ids.numel(), triton.cdiv(inter, cfg["BLOCK_N_GU"]))](
+        total, norm_weight, gate_up, flat_ids, inter_act,
+        hidden_size, inter, eps,
+        total.stride(0), gate_up.stride(0), gate_up.stride(1), inter_act.stride(0),
+        TOP_K=top_k, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
+        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), **pdl,
+    )
+    out = run_moe_down(inter_act, weights.reshape(-1).contiguous(), flat_ids, n, top_k, hidden_size, inter, cfg,
+                       float_expert_args(down), pdl)
+    return out, total

@@ -230,14 +230,21 @@ def run_moe_gemv(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
         **pdl,
     )
 
+    return run_moe_down(inter_act, weights, ids, n, top_k, hidden_size, inter, cfg, down_args, pdl)
+
+
+def run_moe_down(inter_act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n: int, top_k: int,
+                 hidden_size: int, inter: int, cfg: dict, down_args, pdl: dict) -> torch.Tensor:
+    """The down kernel alone: inter_act [n * top_k, I] (SiLU(gate) * up per pair), the flat
+    routing weights and expert ids [n * top_k] -> [n, H] in inter_act's dtype."""
     bk, bn = cfg["BLOCK_K_D"], cfg["BLOCK_N_D"]
-    out = torch.empty(n, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty(n, hidden_size, dtype=inter_act.dtype, device=inter_act.device)
     ptrs, strides, stored_k, consts = down_args(bk)
     _moe_down_gemv_kernel[(n, triton.cdiv(hidden_size, bn))](
         inter_act, *ptrs, ids, weights, out,
         hidden_size, inter, stored_k, triton.cdiv(inter, bk),
         inter_act.stride(0), inter_act.stride(1), *strides, out.stride(0), out.stride(1),
-        **consts, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, STAGES=stages,
-        num_warps=cfg.get("num_warps_d", 4), **pdl,
+        **consts, TOP_K=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn,
+        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_d", 4), **pdl,
     )
     return out

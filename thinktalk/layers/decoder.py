@@ -35,6 +35,10 @@ class DecoderLayer(nn.Module):
     # input norm folded into the fused q/k/v product. None: the norm, then the product. The engine
     # installs kernels/norm_gemv.add_norm_linear where EngineConfig.fuse_norm_gemv is on.
     norm_linear_fn = None
+    # (x, residual, norm weight, eps, moe) -> (moe(norm(x + residual)), x + residual), or None where
+    # it does not apply: the post-attention norm folded into the MoE's router and gate-up GEMVs
+    # (kernels/norm_gemv.add_norm_moe, installed with norm_linear_fn)
+    norm_moe_fn = None
 
     def __init__(self, cfg: ConfigNode, layer: int):
         super().__init__()
@@ -75,7 +79,13 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attn, residual):
         """(out, residual): o_proj, the residual add + post-attention norm, the MLP / MoE."""
-        h, residual = self.post_attention_layernorm.add_forward(self.self_attn.output(attn), residual)
+        out = self.self_attn.output(attn)
+        norm = self.post_attention_layernorm
+        if self.norm_moe_fn is not None:
+            fused = self.norm_moe_fn(out, residual, norm.weight, norm.eps, self.mlp)
+            if fused is not None:
+                return fused
+        h, residual = norm.add_forward(out, residual)
         return self.mlp(h), residual
 
 
