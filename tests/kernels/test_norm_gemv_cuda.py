@@ -9,6 +9,7 @@ engine's greedy tokens with it equal to those without (fp32 tiny model).
 
 import pytest
 import torch
+from tiny_engine import greedy_tokens, tiny_model
 
 from thinktalk.kernels import common
 from thinktalk.kernels.common import interpreting
@@ -108,26 +109,12 @@ def test_norm_in_the_moe_against_the_unfused_kernels(tokens):
 
 
 def test_engine_tokens_equal_with_and_without():
-    from thinktalk.config import config_from_dict
-    from thinktalk.engine import Engine, EngineConfig
-    from thinktalk.request import Request, SamplingParams
-    from thinktalk.weights.loader import build_model
-    from thinktalk.weights.tiny import randomize_
-    from thinktalk.weights.tiny_config import tiny_config_dict
+    from thinktalk.engine import EngineConfig
 
-    model = randomize_(build_model(config_from_dict(tiny_config_dict()), "cuda", torch.float32, with_talker=False), 3)
+    model = tiny_model(torch.float32)
+    requests = [(5, 40), (19, 25)]  # decode steps of 2 rows, then 1
 
     def run(fuse: bool):
-        engine = Engine(model, [-1], EngineConfig(fuse_norm_gemv=fuse, num_kv_blocks=256, max_num_seqs=8))
-        reqs = []
-        for seed, (n, new) in enumerate([(5, 40), (19, 25)]):  # decode steps of 2 rows, then 1
-            ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-            reqs.append(Request(ids, torch.arange(n)[None].expand(3, -1).clone(), 0,
-                                SamplingParams(temperature=0, max_new_tokens=new)))
-            engine.add_request(reqs[-1])
-        while engine.has_work():
-            engine.step()
-        assert engine.decode_graphs is not None
-        return [r.output_ids for r in reqs]
+        return greedy_tokens(model, EngineConfig(fuse_norm_gemv=fuse, num_kv_blocks=256, max_num_seqs=8), requests)
 
     assert run(True) == run(False)

@@ -8,6 +8,7 @@ off. (Off Hopper the launch arguments are off and both sides are plain launches.
 
 import pytest
 import torch
+from tiny_engine import greedy_tokens, tiny_model
 
 from thinktalk.kernels import common, gemv
 from thinktalk.kernels.common import interpreting
@@ -81,26 +82,12 @@ def test_chain_equals_plain_launches_eager_and_graphed(rows):
 
 
 def test_engine_tokens_equal_with_and_without():
-    from thinktalk.config import config_from_dict
-    from thinktalk.engine import Engine, EngineConfig
-    from thinktalk.request import Request, SamplingParams
-    from thinktalk.weights.loader import build_model
-    from thinktalk.weights.tiny import randomize_
-    from thinktalk.weights.tiny_config import tiny_config_dict
+    from thinktalk.engine import EngineConfig
 
-    model = randomize_(build_model(config_from_dict(tiny_config_dict()), "cuda", torch.bfloat16, with_talker=False), 3)
+    model = tiny_model(torch.bfloat16)
+    requests = [(5, 40), (19, 25), (33, 40), (7, 12), (26, 33)]
 
     def run(pdl: bool):
-        engine = Engine(model, [-1], EngineConfig(programmatic_launch=pdl, num_kv_blocks=256, max_num_seqs=8))
-        reqs = []
-        for seed, (n, new) in enumerate([(5, 40), (19, 25), (33, 40), (7, 12), (26, 33)]):
-            ids = torch.randint(0, 5000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-            reqs.append(Request(ids, torch.arange(n)[None].expand(3, -1).clone(), 0,
-                                SamplingParams(temperature=0, max_new_tokens=new)))
-            engine.add_request(reqs[-1])
-        while engine.has_work():
-            engine.step()
-        assert engine.decode_graphs is not None
-        return [r.output_ids for r in reqs]
+        return greedy_tokens(model, EngineConfig(programmatic_launch=pdl, num_kv_blocks=256, max_num_seqs=8), requests)
 
     assert run(True) == run(False)
