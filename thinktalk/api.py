@@ -205,31 +205,30 @@ class Omni:
                 if stage is not None:
                     stage.add(req, decode_audio=False)
         except BaseException:
-            for req in reqs:
-                self.engine.abort(req.request_id)
-                stage.cancel(req.request_id)
-            stage.step()
-            for req in reqs:
-                stage.pop(req.request_id)
+            self._stop(reqs, stage)
             raise
         while any(r.finish_reason is None for r in reqs) or (stage is not None and any(r.request_id in stage.jobs for r in reqs)):
             self.engine.step()
             self._apply_stop_strings(reqs)
             failed = next((r for r in reqs if r.error is not None), None)
             if failed is not None:  # refused while running (out of memory): the others stop too
-                for req in reqs:
-                    self.engine.abort(req.request_id)
-                    if stage is not None:
-                        stage.cancel(req.request_id)
-                if stage is not None:
-                    stage.step()
-                    for req in reqs:
-                        stage.pop(req.request_id)
+                self._stop(reqs, stage)
                 raise failed.error
             if stage is not None:
                 stage.step()
         results = [self.finish(r, speech=self._collect_speech(stage, r) if stage is not None else None) for r in reqs]
         return results if batch else results[0]
+
+    def _stop(self, reqs: list[Request], stage) -> None:
+        """Abort the requests in the thinker and, with a speech stage, cancel and drop their speech."""
+        for req in reqs:
+            self.engine.abort(req.request_id)
+            if stage is not None:
+                stage.cancel(req.request_id)
+        if stage is not None:
+            stage.step()
+            for req in reqs:
+                stage.pop(req.request_id)
 
     def _apply_stop_strings(self, reqs: list[Request]) -> None:
         """End requests whose text contains one of their stop strings (finish_reason "stop")."""

@@ -746,6 +746,14 @@ class EngineBackend:
         in_flight = 0  # jobs taken from the inbox and not yet written
         speaking: list[tuple[_Job, Future]] = []
         prep_done = False
+
+        def fail(job: _Job, err: ItemError) -> None:
+            """The whole item fails: its requests stop and its error line is written."""
+            for r in job.reqs:
+                by_req.pop(r.request_id, None)
+                engine.abort(r.request_id)
+            sink.error(job.item.custom_id, err)
+
         try:
             while True:
                 # 1. take prepared items while there is room
@@ -766,11 +774,7 @@ class EngineBackend:
                     try:
                         self._start(entry, by_req, speaking, speech)
                     except (ItemError, InputError) as exc:
-                        err = exc if isinstance(exc, ItemError) else _input_error(exc)
-                        for r in entry.reqs:
-                            by_req.pop(r.request_id, None)
-                            engine.abort(r.request_id)
-                        sink.error(entry.item.custom_id, err)
+                        fail(entry, exc if isinstance(exc, ItemError) else _input_error(exc))
                         in_flight -= 1
                 # 2. one engine step
                 if engine.has_work():
@@ -778,11 +782,7 @@ class EngineBackend:
                         if out.new_token is None:
                             hit = by_req.get(out.request.request_id) if out.request.error is not None else None
                             if hit is not None:  # refused while running (out of memory): the whole item
-                                job = hit[0]
-                                for r in job.reqs:
-                                    by_req.pop(r.request_id, None)
-                                    engine.abort(r.request_id)
-                                sink.error(job.item.custom_id, _input_error(out.request.error))
+                                fail(hit[0], _input_error(out.request.error))
                                 in_flight -= 1
                             continue
                         stats.tokens += 1

@@ -274,9 +274,14 @@ class Engine:
             return []
         try:
             logits = self._run(batch)
-        except torch.OutOfMemoryError as exc:
-            return self._out_of_memory(batch, exc)
-        return self._postprocess(batch, logits)
+        except torch.OutOfMemoryError:
+            culprit = self._out_of_memory_culprit(batch)
+            if culprit is None:
+                raise
+        else:
+            return self._postprocess(batch, logits)
+        # out of the except block: the error's traceback, which holds the failed step's tensors, is gone
+        return self._refuse_out_of_memory(culprit)
 
     # -- the three phases ----------------------------------------------------------------------
     def _schedule(self) -> Batch | None:
@@ -591,23 +596,26 @@ class Engine:
         hidden, _ = self.thinker(self.thinker.embed(ids)[0], positions, ContiguousKV([SequenceKV()], [n]))
         self.thinker.logits(hidden[-1:])
 
-    def _out_of_memory(self, batch: Batch, exc: torch.OutOfMemoryError) -> list[StepOutput]:
-        """A step with prompt tokens ran out of accelerator memory: its largest prompt part (one
-        with media first: the encoders run on it) is the likely cause. That request fails with
-        the reason, its blocks and embeddings are freed, and the engine carries on: the step
-        committed nothing, so the batch's other requests run it again next time. A decode-only
-        step has no request to blame (its buffers are fixed): that stays fatal."""
+    @staticmethod
+    def _out_of_memory_culprit(batch: Batch) -> Request | None:
+        """The request to refuse when a step runs out of accelerator memory: its largest prompt
+        part (one with media first: the encoders run on it). None for a decode-only step, which
+        has no request to blame (its buffers are fixed): that stays fatal. The step committed
+        nothing, so the batch's other requests run it again next time."""
         prompt_rows = [row for row in batch.rows if row[1] < len(row[0].prompt_ids)]
         if not prompt_rows:
-            raise exc
-        req = max(prompt_rows, key=lambda row: (row[0].mm is not None, row[2]))[0]
+            return None
+        return max(prompt_rows, key=lambda row: (row[0].mm is not None, row[2]))[0]
+
+    def _refuse_out_of_memory(self, req: Request) -> list[StepOutput]:
+        """Finish `req` with reason "error" and an OutOfMemoryError saying what to do; its blocks
+        and embeddings are freed, the allocator's cached blocks given back."""
         self.scheduler.remove(req.request_id)  # frees its KV blocks
-        free_gib = torch.cuda.mem_get_info(self.device)[0] / 2**30 if self.device.type == "cuda" else None
-        del exc  # its traceback holds the failed step's tensors
+        free = ""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+            free = f" ({torch.cuda.mem_get_info(self.device)[0] / 2**30:.1f} GiB free now)"
         log.warning("request %s ran out of accelerator memory in its prefill; refused", req.request_id)
-        free = f" ({free_gib:.1f} GiB were free)" if free_gib is not None else ""
         req.error = OutOfMemoryError(
             f"the request needs more accelerator memory than the server has free{free}: send shorter or "
             "fewer media (fewer video frames, a lower resolution) or a shorter prompt", param="messages")

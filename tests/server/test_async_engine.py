@@ -53,7 +53,7 @@ class FakeEngine:
             raise RuntimeError("boom")
         outs = []
         for r in list(self.running):
-            if r.sampling.seed == -2:  # refused while running, as Engine._out_of_memory does
+            if r.sampling.seed == -2:  # refused while running, as Engine._refuse_out_of_memory does
                 self.running.remove(r)
                 r.finish_reason, r.error = "error", OutOfMemoryError("out of memory", param="messages")
                 outs.append(Out(r, None, True))

@@ -177,11 +177,15 @@ GEMV_MAX_ROWS_WIDE = 2
 NARROW_N = 1024
 
 
+def gemv_max_rows(weight: torch.Tensor) -> int:
+    """Rows up to which a product with `weight` takes a GEMV (above): more for a narrow weight."""
+    return GEMV_MAX_M if weight.shape[0] <= NARROW_N else GEMV_MAX_ROWS_WIDE
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for x [.., K], through `gemv` for the few rows where it beats cuBLAS (above)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    most = GEMV_MAX_M if weight.shape[0] <= NARROW_N else GEMV_MAX_ROWS_WIDE
-    if 0 < rows <= most and gemv_supported(x, weight):
+    if 0 < rows <= gemv_max_rows(weight) and gemv_supported(x, weight):
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from .common import available, pdl_args, prefetch_l2, triton, wait_prior
 from .gemv import (
-    GEMV_MAX_M, GEMV_MAX_ROWS_WIDE, GEMV_MAX_TOKENS, NARROW_N, float_expert_args, gemv_config, gemv_supported, linear,
-    moe_gemv_config, prefetch_consts,
+    GEMV_MAX_TOKENS, float_expert_args, gemv_config, gemv_max_rows, gemv_supported, linear, moe_gemv_config,
+    prefetch_consts,
 )
 from .quant_gemv import DEFAULT_STAGES
 from .quant_moe_gemv import run_moe_down
@@ -62,11 +62,10 @@ def add_norm_gemv_reference(x, residual, norm_weight, eps, weight):
 
 
 def norm_gemv_supported(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The rows `gemv.linear` gives a GEMV (GEMV_MAX_ROWS_WIDE, GEMV_MAX_M for a narrow weight
-    such as the router's) of a float weight it takes, with a residual and a norm weight of the
+    """The rows `gemv.linear` gives a GEMV (`gemv_max_rows`: more for a narrow weight such as the
+    router's) of a float weight it takes, with a residual and a norm weight of the
     input's shape and dtype."""
-    most = GEMV_MAX_M if weight.shape[0] <= NARROW_N else GEMV_MAX_ROWS_WIDE
-    return (x.dim() == 2 and 0 < x.shape[0] <= most and residual.shape == x.shape
+    return (x.dim() == 2 and 0 < x.shape[0] <= gemv_max_rows(weight) and residual.shape == x.shape
             and residual.dtype == x.dtype and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
             and gemv_supported(x, weight))
 
@@ -120,7 +119,7 @@ if triton is not None:
 
 def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                   weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual [M, K] (M <= GEMV_MAX_ROWS_WIDE), weight [N, K] -> (y [M, N], x + residual [M, K])."""
+    """x, residual [M, K] (M <= gemv_max_rows(weight)), weight [N, K] -> (y [M, N], x + residual [M, K])."""
     if not norm_gemv_supported(x, residual, norm_weight, weight):
         raise ValueError("add_norm_gemv takes the few rows gemv.linear gives a GEMV, of a contiguous float weight "
                          "of the input's dtype (add_norm_linear routes the rest)")

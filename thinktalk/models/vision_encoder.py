@@ -16,6 +16,8 @@ blocks (`deepstack_visual_indexes`) also feed their own patch mergers; those out
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -268,15 +270,9 @@ class VisionEncoder(nn.Module):
         return self.merger(x), deepstack
 
 
-def _runs(frames: list[tuple[int, int]]):
+def _runs(frames: list[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
     """(size, count) of each run of equal consecutive frame sizes."""
-    runs: list[list] = []
-    for f in frames:
-        if runs and runs[-1][0] == f:
-            runs[-1][1] += 1
-        else:
-            runs.append([f, 1])
-    return [(f, t) for f, t in runs]
+    return [(size, len(list(run))) for size, run in itertools.groupby(frames)]
 
 
 def frame_groups(frames: list[tuple[int, int]], max_patches: int | None) -> list[list[tuple[int, int]]]:

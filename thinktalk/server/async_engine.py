@@ -262,7 +262,7 @@ class AsyncEngine:
             stream = self._streams.get(req.request_id)
             if stream is None:
                 continue
-            if out.new_token is None:  # refused while running (engine._out_of_memory)
+            if out.new_token is None:  # refused while running (Engine._refuse_out_of_memory)
                 if out.finished and req.error is not None:
                     del self._streams[req.request_id]
                     items.append((stream, EngineEvent(error=req.error)))
