@@ -104,12 +104,15 @@ class EngineConfig:
     # on the GPU while the kernel before it finishes (kernels/common.py). Off by default: on its own
     # it measured neutral (H100, one stream 288 vs 286 tok/s, 64 streams 2,721 vs 2,734). Process-
     # wide: the last engine built sets it for every model in the process (the speech stages use
-    # the same kernels).
+    # the same kernels). With the L2 prefetch of the GEMVs' weights added it measured worse at one
+    # stream (H100, back to back, thinker_norm_gemv_pdl_ab_h100.json: 274 vs 285 tok/s; 64
+    # streams 2,697 vs 2,680).
     programmatic_launch: bool = False
     # with decode_gemv: each layer's residual add + RMSNorm folded into the GEMVs that read the
     # normed row, the q/k/v product and the MoE's router and gate-up (kernels/norm_gemv.py: two
-    # kernels a layer fewer at a few decode rows). Off by default until measured on a GPU.
-    fuse_norm_gemv: bool = False
+    # kernels a layer fewer at a few decode rows). H100, back to back: one stream 291 vs 285
+    # tok/s, 64 streams unchanged (2,679 vs 2,680; thinker_norm_gemv_pdl_ab_h100.json).
+    fuse_norm_gemv: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -144,7 +147,7 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
     return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
 
 
-def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = False) -> None:
+def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = True) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated

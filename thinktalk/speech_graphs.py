@@ -173,7 +173,9 @@ class PagedTalker:
         if use_graphs:
             from .engine import use_triton_kernels
 
-            use_triton_kernels(talker, moe=True, layers=True)
+            # the folded norms were measured on the thinker only (its MoE has no shared expert,
+            # so the talker's MoE would keep its norm anyway): the talker keeps the norm kernels
+            use_triton_kernels(talker, moe=True, layers=True, fuse_norm_gemv=False)
         if decode_attention == "auto" and not triton_ok:
             decode_attention = "torch"  # e.g. CUDA without triton: the reference decode attention
         self.pool = PagedPool(text.num_hidden_layers, num_blocks, block_size, text.num_key_value_heads,
