@@ -5,6 +5,7 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
     python benchmarks/bench_quant_gemv.py --out ... --sweep     # + a tile sweep of the int4 GEMVs
     python benchmarks/bench_quant_gemv.py --out ... --tiny      # CPU dry run (Triton interpreter)
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-bf16   # bf16 only, + its tile sweep
+    python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-norm   # + the norm-folded GEMVs' tiles
 
 Cases (M = 1 decode row by default, --rows for more):
   dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
@@ -351,6 +352,86 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
     return rows
 
 
+def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
+    """The GEMVs with the residual add + RMSNorm folded in (kernels/norm_gemv.py) at one decode
+    row, each beside the unfused kernels it replaces: the q/k/v and router tiles
+    (add_norm_gemv), then the MoE's gate-up tiles and its down tiles (add_norm_moe: router GEMV,
+    gate-up with the top-k, down). Every call has its own row, so the MoE's routing changes."""
+    from thinktalk.kernels import norm_gemv as ng
+    from thinktalk.kernels.rms_norm import add_rms_norm
+    from thinktalk.kernels.router import softmax_topk
+    from thinktalk.layers.moe import SparseMoE
+
+    eps, rows = 1e-6, []
+    g = (1 + 0.1 * torch.randn(HIDDEN, device=DEVICE, generator=gen)).to(torch.bfloat16)
+    xs = [torch.randn(1, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in range(calls)]
+    rs = [2 * torch.randn(1, HIDDEN, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in range(calls)]
+    h0 = (xs[0].float() + rs[0].float()).to(torch.bfloat16).float()
+    normed0 = h0 * torch.rsqrt(h0.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+
+    def unfused_row(case, fn, n_calls):
+        us = time_graph(fn, n_calls)
+        rows.append({"case": case, "config": "unfused", "us": round(us, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for name, n, k in [c for c in DENSE if c[0] in ("qkv_fused", "router")]:
+        w = torch.randn(n, k, device=DEVICE, generator=gen, dtype=torch.bfloat16) * k**-0.5
+        ws = [w] + [w.clone() for _ in range(copies_for(nbytes(w), l2) - 1)]
+        n_calls = max(calls, len(ws))
+        exact = F.linear(normed0, w.float())
+        unfused_row(name, lambda i: fg.gemv(add_rms_norm(xs[i % calls], rs[i % calls], g, eps)[0], ws[i % len(ws)]),
+                    n_calls)
+        fn = lambda i, cfg: ng.add_norm_gemv(xs[i % calls], rs[i % calls], g, eps, ws[i % len(ws)], config=cfg)  # noqa: E731
+        check = lambda cfg: rel_err(ng.add_norm_gemv(xs[0], rs[0], g, eps, w, config=cfg)[0], exact)  # noqa: E731
+        base = ng.norm_gemv_config(1, n, k, 2)
+        _time_config(rows, name, fn, check, n_calls, base, read_bytes=nbytes(w))
+        tried = []
+        narrow = n < 1024
+        for bn, bk, warps in itertools.product((1, 2, 4) if narrow else (4, 8, 16), (128, 256, 512), (1, 2, 4)):
+            cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            tried.append((_time_config(rows, name, fn, check, n_calls, cfg, read_bytes=nbytes(w)), cfg))
+        best_cfg = min(tried, key=lambda r: r[0])[1]
+        for stages in (2, 3, 4, 6, 8):
+            _time_config(rows, name, fn, check, n_calls, dict(best_cfg, num_stages=stages), read_bytes=nbytes(w))
+        print(json.dumps({"sweep_norm": name, "default": base, "best": _best(rows, name)}), flush=True)
+        del ws, w
+
+    with torch.device(DEVICE):
+        moe = SparseMoE(HIDDEN, INTER, EXPERTS, TOP_K).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, device=DEVICE, generator=gen, dtype=torch.bfloat16) * p.shape[-1] ** -0.5)
+    gu, dn, router = moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight
+    wts0, ids0 = softmax_topk(F.linear(normed0.to(torch.bfloat16), router), TOP_K, True)
+    exact = moe_reference(normed0, gu.float(), dn.float(), wts0.float(), ids0)
+
+    def unfused_moe(i):
+        normed, _ = add_rms_norm(xs[i], rs[i], g, eps)
+        weights, ids = softmax_topk(fg.gemv(normed, router), TOP_K, True)
+        return fg.moe_gemv(normed, gu, dn, weights, ids)
+
+    unfused_row("moe", unfused_moe, calls)
+    fn = lambda i, cfg: ng.add_norm_moe(xs[i], rs[i], g, eps, moe, config=cfg)  # noqa: E731
+    check = lambda cfg: rel_err(ng.add_norm_moe(xs[0], rs[0], g, eps, moe, config=cfg)[0], exact)  # noqa: E731
+    base = ng.norm_moe_config(1, TOP_K, HIDDEN, INTER, 2)
+    read = TOP_K * nbytes(gu[0], dn[0]) + nbytes(router)
+    _time_config(rows, "moe", fn, check, calls, base, read_bytes=read)
+    tried = []
+    for bn, bk, w in itertools.product((4, 8, 16), (64, 128, 256), (1, 2, 4)):  # gate-up, down at its default
+        cfg = dict(base, BLOCK_N_GU=bn, BLOCK_K_GU=bk, num_warps_gu=w)
+        tried.append((_time_config(rows, "moe", fn, check, calls, cfg, read_bytes=read), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    tried = [(min(t[0] for t in tried), best_cfg)]
+    for bn, bk, w in itertools.product((2, 4, 8), (128, 256, 512), (1, 2, 4)):  # down, gate-up at its best
+        cfg = dict(best_cfg, BLOCK_N_D=bn, BLOCK_K_D=bk, num_warps_d=w)
+        tried.append((_time_config(rows, "moe", fn, check, calls, cfg, read_bytes=read), cfg))
+    best_cfg = min(tried, key=lambda r: r[0])[1]
+    for stages in (2, 3, 4, 6, 8):
+        _time_config(rows, "moe", fn, check, calls, dict(best_cfg, num_stages=stages), read_bytes=read)
+    print(json.dumps({"sweep_norm": "moe", "default": base, "best": _best(rows, "moe")}), flush=True)
+    return rows
+
+
 def summary(cases: list[dict]) -> dict:
     """Matmul time of one thinker decode token (M = 1) per method, from the cases: 48 layers of
     qkv (one GEMM / GEMV: the engine's fuse_qkv stacks float and quantized projections alike), o
@@ -393,6 +474,8 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["int4", "int8", "fp8"],
                     help="quantized methods besides bf16 (the flag alone: bf16 only)")
     ap.add_argument("--sweep-bf16", action="store_true", help="also sweep the bf16 GEMV tiles")
+    ap.add_argument("--sweep-norm", action="store_true",
+                    help="also sweep the tiles of the GEMVs with the RMSNorm folded in (kernels/norm_gemv.py)")
     args = ap.parse_args()
     METHODS = tuple(args.methods)
     if args.tiny:
@@ -414,6 +497,8 @@ def main():
         sweep_rows = sweep(l2, args.calls, gen) if args.sweep else None
         if args.sweep_bf16:
             sweep_rows = (sweep_rows or []) + sweep_bf16(l2, args.calls, gen)
+        if args.sweep_norm:
+            sweep_rows = (sweep_rows or []) + sweep_norm(l2, args.calls, gen)
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "device": device_name,

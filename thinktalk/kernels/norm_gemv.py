@@ -24,9 +24,11 @@ so outputs differ from the unfused path's at that rounding's level.
 The layer's second norm (after attention) feeds the MoE: its router and its experts' gate-up
 product both read the normed row. `add_norm_moe` folds it into both, the same way: the router GEMV
 (program 0 writing the new residual h) and the gate-up GEMV over the selected experts, which reads
-h, multiplies by g and scales gate and up by the rsqrt before SiLU(gate) * up; the down GEMV is
-kernels/gemv.py's. For the few tokens the MoE GEMVs take (GEMV_MAX_TOKENS), float experts, no
-shared expert; else the caller runs the norm and the MoE as before.
+h, multiplies by g and scales gate and up by the rsqrt before SiLU(gate) * up; the router's softmax
++ top-k is folded into the gate-up GEMV too (each of its programs picks its expert from the
+logits); the down GEMV is kernels/gemv.py's: three kernels instead of five (norm, router, top-k,
+gate-up, down). For the few tokens the MoE GEMVs take (GEMV_MAX_TOKENS), float experts, no shared
+expert; else the caller runs the norm and the MoE as before.
 
     add_norm_moe(x, residual, norm_weight, eps, moe)       -> (moe(norm(x + residual)), x + residual) or None
 
@@ -47,12 +49,15 @@ from .gemv import (
 from .quant_gemv import DEFAULT_STAGES
 from .quant_moe_gemv import run_moe_down
 from .rms_norm import add_rms_norm, add_rms_norm_reference
+from .router import MAX_EXPERTS
 
 if triton is not None:
     import triton.language as tl
 
+    from .router import routed_experts
+
 __all__ = ["add_norm_gemv", "add_norm_gemv_reference", "add_norm_linear", "norm_gemv_supported", "add_norm_moe",
-           "add_norm_moe_reference"]
+           "add_norm_moe_reference", "norm_gemv_config", "norm_moe_config"]
 
 
 def add_norm_gemv_reference(x, residual, norm_weight, eps, weight):
@@ -117,6 +122,16 @@ if triton is not None:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (rows < M)[None, :])
 
 
+def norm_gemv_config(m: int, n: int, k: int, elem_bytes: int = 2) -> dict:
+    """Tiles of `_add_norm_gemv_kernel`: the plain GEMV's (gemv.gemv_config)."""
+    return gemv_config(m, n, k, elem_bytes)
+
+
+def norm_moe_config(tokens: int, top_k: int, hidden: int, inter: int, elem_bytes: int = 2) -> dict:
+    """Tiles of `add_norm_moe`'s gate-up and down kernels: the MoE GEMVs' (gemv.moe_gemv_config)."""
+    return moe_gemv_config(tokens, top_k, hidden, inter, elem_bytes)
+
+
 def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                   weight: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [M, K] (M <= gemv_max_rows(weight)), weight [N, K] -> (y [M, N], x + residual [M, K])."""
@@ -131,7 +146,7 @@ def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
         residual = residual.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     total = torch.empty_like(x)
-    cfg = config or gemv_config(m, n, k, weight.element_size())
+    cfg = config or norm_gemv_config(m, n, k, weight.element_size())
     block_k = cfg["BLOCK_K"]
     pdl = pdl_args(x.device)
     _add_norm_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
@@ -168,20 +183,33 @@ if triton is not None:
 
     @triton.jit
     def _moe_gate_up_norm_kernel(
-        h_ptr, g_ptr, w_ptr, ids_ptr, out_ptr,
-        hidden_size, inter_size, eps,
-        stride_hm, stride_we, stride_wn, stride_om,
-        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+        h_ptr, g_ptr, w_ptr, logits_ptr, route_w_ptr, route_ids_ptr, out_ptr,
+        hidden_size, inter_size, num_experts, eps,
+        stride_hm, stride_we, stride_wn, stride_lm, stride_om,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         """Program (pair, n block): SiLU(gate) * up of BLOCK_N rows of the pair's expert for the
         normed row of the pair's token, h [token] read un-normed (quant_moe_gemv's gate-up kernel
-        with the norm folded in as in _add_norm_gemv_kernel)."""
+        with the norm folded in as in _add_norm_gemv_kernel). The pair's expert comes from the
+        router's logits: each program does the token's softmax + top-k itself (router.py's
+        `routed_experts`, 128 logits in registers) instead of waiting for a kernel of its own;
+        the (token, slot 0, block 0) program writes the token's routing weights and ids for the
+        down kernel."""
         wait_prior(USE_PDL)
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        h_row = h_ptr + (pair // TOP_K) * stride_hm
+        token = pair // TOP_K
+        slot = pair - token * TOP_K
+        route_w, route_ids = routed_experts(logits_ptr + token * stride_lm, num_experts, TOP_K, K_PAD, E_PAD,
+                                            NORMALIZE)
+        slots = tl.arange(0, K_PAD)
+        writer = (slots < TOP_K) & (slot == 0) & (pid_n == 0)
+        tl.store(route_w_ptr + token * TOP_K + slots, route_w.to(route_w_ptr.dtype.element_ty), mask=writer)
+        tl.store(route_ids_ptr + token * TOP_K + slots, route_ids, mask=writer)
+        expert = tl.sum(tl.where(slots == slot, route_ids, 0))
+        h_row = h_ptr + token * stride_hm
         w_e = w_ptr + expert * stride_we
         offs_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_u = offs_g + inter_size  # the up rows follow the gate rows
@@ -210,36 +238,38 @@ if triton is not None:
         tl.store(out_ptr + pair * stride_om + offs_g, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, moe):
+def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, moe,
+                 config: dict | None = None):
     """(moe(rms_norm(x + residual)), x + residual) for a layers.moe.SparseMoE with float experts and
     no shared expert, x [N, H] of up to GEMV_MAX_TOKENS tokens; None where that does not hold (or
-    the kernels do not run here): the caller then runs the norm and the MoE itself."""
-    from .router import softmax_topk
-
+    the kernels do not run here): the caller then runs the norm and the MoE itself. config: the
+    gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them)."""
     experts = moe.experts
     gate_up, down = experts.gate_up_proj, experts.down_proj
+    router = moe.gate.weight
     if (moe.shared_expert is not None or moe.act is not F.silu or not available(x.device)
             or not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor)  # quantized experts
-            or x.shape[0] > GEMV_MAX_TOKENS or not norm_gemv_supported(x, residual, norm_weight, moe.gate.weight)
+            or x.shape[0] > GEMV_MAX_TOKENS or router.shape[0] > MAX_EXPERTS
+            or not norm_gemv_supported(x, residual, norm_weight, router)
             or not gemv_supported(x, gate_up) or not gemv_supported(x, down)):
         return None
     n, hidden_size = x.shape
-    logits, total = add_norm_gemv(x, residual, norm_weight, eps, moe.gate.weight)
-    weights, ids = softmax_topk(logits, moe.top_k, moe.norm_topk_prob)
-    top_k = ids.shape[1]
+    logits, total = add_norm_gemv(x, residual, norm_weight, eps, router)
+    num_experts, top_k = router.shape[0], moe.top_k
     inter = gate_up.shape[1] // 2
-    cfg = moe_gemv_config(n, top_k, hidden_size, inter, x.element_size())
+    cfg = config or norm_moe_config(n, top_k, hidden_size, inter, x.element_size())
     pdl = pdl_args(x.device)
-    flat_ids = ids.reshape(-1).contiguous()
-    inter_act = torch.empty(flat_ids.numel(), inter, dtype=x.dtype, device=x.device)
+    route_w = torch.empty(n * top_k, dtype=x.dtype, device=x.device)
+    route_ids = torch.empty(n * top_k, dtype=torch.int64, device=x.device)
+    inter_act = torch.empty(n * top_k, inter, dtype=x.dtype, device=x.device)
     block_k = cfg["BLOCK_K_GU"]
-    _moe_gate_up_norm_kernel[(flat_ids.numel(), triton.cdiv(inter, cfg["BLOCK_N_GU"]))](
-        total, norm_weight, gate_up, flat_ids, inter_act,
-        hidden_size, inter, eps,
-        total.stride(0), gate_up.stride(0), gate_up.stride(1), inter_act.stride(0),
-        TOP_K=top_k, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
+    _moe_gate_up_norm_kernel[(n * top_k, triton.cdiv(inter, cfg["BLOCK_N_GU"]))](
+        total, norm_weight, gate_up, logits, route_w, route_ids, inter_act,
+        hidden_size, inter, num_experts, eps,
+        total.stride(0), gate_up.stride(0), gate_up.stride(1), logits.stride(0), inter_act.stride(0),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
+        NORMALIZE=moe.norm_topk_prob, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
         STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), **pdl,
     )
-    out = run_moe_down(inter_act, weights.reshape(-1).contiguous(), flat_ids, n, top_k, hidden_size, inter, cfg,
-                       float_expert_args(down), pdl)
+    out = run_moe_down(inter_act, route_w, route_ids, n, top_k, hidden_size, inter, cfg, float_expert_args(down), pdl)
     return out, total

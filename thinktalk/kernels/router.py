@@ -16,7 +16,9 @@ from .common import available, pdl_args, triton, wait_prior
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["softmax_topk", "softmax_topk_reference"]
+__all__ = ["softmax_topk", "softmax_topk_reference", "MAX_EXPERTS"]
+
+MAX_EXPERTS = 1024  # the most router logits one program holds in registers
 
 
 def softmax_topk_reference(logits: torch.Tensor, top_k: int, normalize: bool):
@@ -30,15 +32,13 @@ def softmax_topk_reference(logits: torch.Tensor, top_k: int, normalize: bool):
 if triton is not None:
 
     @triton.jit
-    def _softmax_topk_kernel(
-        logits_ptr, w_ptr, ids_ptr, stride_l, stride_w, stride_i, num_experts,
-        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
-        USE_PDL: tl.constexpr,
-    ):
-        wait_prior(USE_PDL)
-        row = tl.program_id(0).to(tl.int64)
+    def routed_experts(row_ptr, num_experts, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                       NORMALIZE: tl.constexpr):
+        """softmax + top-k of the logits at row_ptr[:num_experts]: (weights [K_PAD] fp32, ids [K_PAD]
+        int64), slots past TOP_K zero. Also inlined by the MoE gate-up kernel that reads the router's
+        logits itself (norm_gemv._moe_gate_up_norm_kernel)."""
         offs = tl.arange(0, E_PAD)
-        x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < num_experts, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + offs, mask=offs < num_experts, other=float("-inf")).to(tl.float32)
         p = tl.exp(x - tl.max(x, axis=0))
         p = p / tl.sum(p, axis=0)
         slots = tl.arange(0, K_PAD)
@@ -52,6 +52,18 @@ if triton is not None:
             p = tl.where(offs == idx, -1.0, p)
         if NORMALIZE:
             weights = weights / tl.sum(weights, axis=0)
+        return weights, ids
+
+    @triton.jit
+    def _softmax_topk_kernel(
+        logits_ptr, w_ptr, ids_ptr, stride_l, stride_w, stride_i, num_experts,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        wait_prior(USE_PDL)
+        row = tl.program_id(0).to(tl.int64)
+        weights, ids = routed_experts(logits_ptr + row * stride_l, num_experts, TOP_K, K_PAD, E_PAD, NORMALIZE)
+        slots = tl.arange(0, K_PAD)
         ok = slots < TOP_K
         tl.store(w_ptr + row * stride_w + slots, weights.to(w_ptr.dtype.element_ty), mask=ok)
         tl.store(ids_ptr + row * stride_i + slots, ids, mask=ok)
@@ -60,7 +72,7 @@ if triton is not None:
 def softmax_topk(logits: torch.Tensor, top_k: int, normalize: bool):
     """Triton version of `softmax_topk_reference`: (weights [N, k] in logits' dtype, ids [N, k] int64)."""
     n, num_experts = logits.shape
-    if not available(logits.device) or num_experts > 1024 or logits.stride(-1) != 1:
+    if not available(logits.device) or num_experts > MAX_EXPERTS or logits.stride(-1) != 1:
         return softmax_topk_reference(logits, top_k, normalize)
     weights = torch.empty(n, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
