@@ -6,6 +6,7 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
     python benchmarks/bench_quant_gemv.py --out ... --tiny      # CPU dry run (Triton interpreter)
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-bf16   # bf16 only, + its tile sweep
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-norm   # + the norm-folded GEMVs' tiles
+    python benchmarks/bench_quant_gemv.py --out ... --methods --attention-merge   # + paged attention's split merge
 
 Cases (M = 1 decode row by default, --rows for more):
   dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
@@ -387,7 +388,7 @@ def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
         _time_config(rows, name, fn, check, n_calls, base, read_bytes=nbytes(w))
         tried = []
         narrow = n < 1024
-        for bn, bk, warps in itertools.product((1, 2, 4) if narrow else (4, 8, 16), (128, 256, 512), (1, 2, 4)):
+        for bn, bk, warps in itertools.product((1, 2, 4) if narrow else (4, 8, 16), (128, 256, 512), (1, 2) if narrow else (2, 4)):
             cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
             tried.append((_time_config(rows, name, fn, check, n_calls, cfg, read_bytes=nbytes(w)), cfg))
         best_cfg = min(tried, key=lambda r: r[0])[1]
@@ -417,18 +418,53 @@ def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
     read = TOP_K * nbytes(gu[0], dn[0]) + nbytes(router)
     _time_config(rows, "moe", fn, check, calls, base, read_bytes=read)
     tried = []
-    for bn, bk, w in itertools.product((4, 8, 16), (64, 128, 256), (1, 2, 4)):  # gate-up, down at its default
+    for bn, bk, w in itertools.product((4, 8, 16), (64, 128, 256), (2, 4)):  # gate-up, down at its default
         cfg = dict(base, BLOCK_N_GU=bn, BLOCK_K_GU=bk, num_warps_gu=w)
         tried.append((_time_config(rows, "moe", fn, check, calls, cfg, read_bytes=read), cfg))
     best_cfg = min(tried, key=lambda r: r[0])[1]
     tried = [(min(t[0] for t in tried), best_cfg)]
-    for bn, bk, w in itertools.product((2, 4, 8), (128, 256, 512), (1, 2, 4)):  # down, gate-up at its best
+    for bn, bk, w in itertools.product((2, 4, 8), (128, 256, 512), (2, 4)):  # down, gate-up at its best
         cfg = dict(best_cfg, BLOCK_N_D=bn, BLOCK_K_D=bk, num_warps_d=w)
         tried.append((_time_config(rows, "moe", fn, check, calls, cfg, read_bytes=read), cfg))
     best_cfg = min(tried, key=lambda r: r[0])[1]
     for stages in (2, 3, 4, 6, 8):
         _time_config(rows, "moe", fn, check, calls, dict(best_cfg, num_stages=stages), read_bytes=read)
-    print(json.dumps({"sweep_norm": "moe", "default": base, "best": _best(rows, "moe")}), flush=True)
+    best = _best(rows, "moe")
+    for cfg in (base, best[0]["config"]):  # the router's top-k as a kernel of its own, for comparison
+        _time_config(rows, "moe, top-k kernel", fn, check, calls, dict(cfg, route_in_gate_up=False), read_bytes=read)
+    print(json.dumps({"sweep_norm": "moe", "default": base, "best": best,
+                      "top_k_kernel": _best(rows, "moe, top-k kernel", 2)}), flush=True)
+    return rows
+
+
+def attention_merge_cases(calls: int, gen) -> list[dict]:
+    """Paged decode attention at the thinker's shapes (32 query / 4 kv heads, head dim 128, blocks
+    of 16) with the split count a decode graph fixes (32 at one sequence): its splits merged by a
+    kernel after it, or by each group's last split program (merge_tickets)."""
+    from thinktalk.kernels import paged_attention as pa
+
+    rows = []
+    tickets = pa.merge_tickets(DEVICE)
+    tiny = DEVICE == "cpu"  # --tiny: one small case, 3 splits
+    for batch, context in ((2, 100),) if tiny else ((1, 512), (1, 4096), (8, 1024), (64, 768)):
+        splits = 3 if tiny else pa._num_splits(batch, 4, 32768, 64, torch.device(DEVICE))
+        blocks = batch * (-(-context // 16))
+        kc = torch.randn(blocks + 1, 16, 4, 128, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tables = torch.randperm(blocks, device=DEVICE, generator=gen).int().view(batch, -1)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+        qs = [torch.randn(batch, 32, 128, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in range(calls)]
+        exact = pa.paged_attention_reference(qs[0], kc, vc, tables, lens, 128**-0.5).float()
+        for merge in ("kernel", "last split"):
+            t = tickets if merge == "last split" else None
+            got = pa.paged_attention(qs[0], kc, vc, tables, lens, 128**-0.5, num_splits=splits, merge_tickets=t)
+            us = time_graph(lambda i: pa.paged_attention(qs[i], kc, vc, tables, lens, 128**-0.5, num_splits=splits,
+                                                         merge_tickets=t), calls)
+            rows.append({"case": "paged_attention", "batch": batch, "context": context, "splits": splits,
+                         "merge": merge, "us": round(us, 2), "rel_err": rel_err(got, exact),
+                         "tickets_zero": bool(torch.count_nonzero(tickets) == 0)})
+            print(json.dumps(rows[-1]), flush=True)
+        del kc, vc
     return rows
 
 
@@ -474,6 +510,8 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["int4", "int8", "fp8"],
                     help="quantized methods besides bf16 (the flag alone: bf16 only)")
     ap.add_argument("--sweep-bf16", action="store_true", help="also sweep the bf16 GEMV tiles")
+    ap.add_argument("--attention-merge", action="store_true",
+                    help="also time the paged decode attention's split merge: a kernel vs the last split program")
     ap.add_argument("--sweep-norm", action="store_true",
                     help="also sweep the tiles of the GEMVs with the RMSNorm folded in (kernels/norm_gemv.py)")
     args = ap.parse_args()
@@ -499,6 +537,8 @@ def main():
             sweep_rows = (sweep_rows or []) + sweep_bf16(l2, args.calls, gen)
         if args.sweep_norm:
             sweep_rows = (sweep_rows or []) + sweep_norm(l2, args.calls, gen)
+        if args.attention_merge:
+            sweep_rows = (sweep_rows or []) + attention_merge_cases(args.calls, gen)
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "device": device_name,

@@ -112,6 +112,8 @@ class PagedPool:
         if use_triton and not pa.available(device):
             raise RuntimeError("decode_attention='triton' needs CUDA (or TRITON_INTERPRET=1) and triton")
         self.decode_fn = pa.paged_attention if use_triton else pa.paged_attention_reference
+        # the decode kernel's split-merge counts, one buffer for this pool's layers (they run in turn)
+        self.merge_tickets = pa.merge_tickets(device) if use_triton else None
 
     # -- the pool interface -----------------------------------------------------------------------
     def admit(self, req: Request, max_cached: int | None = None, keep_free: int = 0) -> bool:
@@ -259,7 +261,7 @@ class PagedAttention:
             d = self.decode_start
             out[d:] = self.pool.decode_fn(
                 q[d:], k_cache, v_cache, self.block_tables, self.context_lens, scale,
-                max_context_len=self.max_context_len,
+                max_context_len=self.max_context_len, merge_tickets=self.pool.merge_tickets,
             )
         return out
 

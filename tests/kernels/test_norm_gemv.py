@@ -111,11 +111,15 @@ def _moe(dtype, seed, shared=0):
     return moe.to(dtype)
 
 
+@pytest.mark.parametrize("route_in_gate_up", [True, False])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_norm_in_the_moe_matches_the_unfused_reference_fp32(tokens):
+def test_norm_in_the_moe_matches_the_unfused_reference_fp32(tokens, route_in_gate_up):
+    """The routing picked by each gate-up program from the logits (default), or by the router's
+    own top-k kernel first: the unfused reference's result either way."""
     moe = _moe(torch.float32, tokens)
     x, residual, norm_weight, _ = _inputs(tokens, 8, 64, torch.float32, 100 + tokens)
-    got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe)
+    cfg = dict(ng.norm_moe_config(tokens, moe.top_k, 64, 24, 4), route_in_gate_up=route_in_gate_up)
+    got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe, config=cfg)
     assert got is not None
     out, total = got
     ref_out, ref_total = ng.add_norm_moe_reference(x, residual, norm_weight, EPS, moe)

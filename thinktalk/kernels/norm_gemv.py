@@ -49,7 +49,7 @@ from .gemv import (
 from .quant_gemv import DEFAULT_STAGES
 from .quant_moe_gemv import run_moe_down
 from .rms_norm import add_rms_norm, add_rms_norm_reference
-from .router import MAX_EXPERTS
+from .router import MAX_EXPERTS, softmax_topk
 
 if triton is not None:
     import triton.language as tl
@@ -188,7 +188,7 @@ if triton is not None:
         stride_hm, stride_we, stride_wn, stride_lm, stride_om,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        USE_PDL: tl.constexpr, ROUTE_HERE: tl.constexpr = True,
     ):
         """Program (pair, n block): SiLU(gate) * up of BLOCK_N rows of the pair's expert for the
         normed row of the pair's token, h [token] read un-normed (quant_moe_gemv's gate-up kernel
@@ -196,19 +196,23 @@ if triton is not None:
         router's logits: each program does the token's softmax + top-k itself (router.py's
         `routed_experts`, 128 logits in registers) instead of waiting for a kernel of its own;
         the (token, slot 0, block 0) program writes the token's routing weights and ids for the
-        down kernel."""
+        down kernel. ROUTE_HERE off: the routing is already in route_w / route_ids (router.py's
+        kernel ran before)."""
         wait_prior(USE_PDL)
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
         token = pair // TOP_K
-        slot = pair - token * TOP_K
-        route_w, route_ids = routed_experts(logits_ptr + token * stride_lm, num_experts, TOP_K, K_PAD, E_PAD,
-                                            NORMALIZE)
-        slots = tl.arange(0, K_PAD)
-        writer = (slots < TOP_K) & (slot == 0) & (pid_n == 0)
-        tl.store(route_w_ptr + token * TOP_K + slots, route_w.to(route_w_ptr.dtype.element_ty), mask=writer)
-        tl.store(route_ids_ptr + token * TOP_K + slots, route_ids, mask=writer)
-        expert = tl.sum(tl.where(slots == slot, route_ids, 0))
+        if ROUTE_HERE:
+            slot = pair - token * TOP_K
+            route_w, route_ids = routed_experts(logits_ptr + token * stride_lm, num_experts, TOP_K, K_PAD, E_PAD,
+                                                NORMALIZE)
+            slots = tl.arange(0, K_PAD)
+            writer = (slots < TOP_K) & (slot == 0) & (pid_n == 0)
+            tl.store(route_w_ptr + token * TOP_K + slots, route_w.to(route_w_ptr.dtype.element_ty), mask=writer)
+            tl.store(route_ids_ptr + token * TOP_K + slots, route_ids, mask=writer)
+            expert = tl.sum(tl.where(slots == slot, route_ids, 0))
+        else:
+            expert = tl.load(route_ids_ptr + pair)
         h_row = h_ptr + token * stride_hm
         w_e = w_ptr + expert * stride_we
         offs_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -243,7 +247,8 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     """(moe(rms_norm(x + residual)), x + residual) for a layers.moe.SparseMoE with float experts and
     no shared expert, x [N, H] of up to GEMV_MAX_TOKENS tokens; None where that does not hold (or
     the kernels do not run here): the caller then runs the norm and the MoE itself. config: the
-    gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them)."""
+    gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them), and route_in_gate_up
+    (default True; False: the router's softmax + top-k as a kernel of its own, as measured against)."""
     experts = moe.experts
     gate_up, down = experts.gate_up_proj, experts.down_proj
     router = moe.gate.weight
@@ -259,8 +264,12 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     inter = gate_up.shape[1] // 2
     cfg = config or norm_moe_config(n, top_k, hidden_size, inter, x.element_size())
     pdl = pdl_args(x.device)
-    route_w = torch.empty(n * top_k, dtype=x.dtype, device=x.device)
-    route_ids = torch.empty(n * top_k, dtype=torch.int64, device=x.device)
+    route_here = cfg.get("route_in_gate_up", True)  # else router.py's kernel first (benchmarks compare)
+    if route_here:
+        route_w = torch.empty(n * top_k, dtype=x.dtype, device=x.device)
+        route_ids = torch.empty(n * top_k, dtype=torch.int64, device=x.device)
+    else:
+        route_w, route_ids = (t.reshape(-1) for t in softmax_topk(logits, top_k, moe.norm_topk_prob))
     inter_act = torch.empty(n * top_k, inter, dtype=x.dtype, device=x.device)
     block_k = cfg["BLOCK_K_GU"]
     _moe_gate_up_norm_kernel[(n * top_k, triton.cdiv(inter, cfg["BLOCK_N_GU"]))](
@@ -269,7 +278,8 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
         total.stride(0), gate_up.stride(0), gate_up.stride(1), logits.stride(0), inter_act.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
         NORMALIZE=moe.norm_topk_prob, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
-        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), **pdl,
+        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), ROUTE_HERE=route_here,
+        **pdl,
     )
     out = run_moe_down(inter_act, route_w, route_ids, n, top_k, hidden_size, inter, cfg, float_expert_args(down), pdl)
     return out, total
