@@ -6,6 +6,7 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
     python benchmarks/bench_quant_gemv.py --out ... --tiny      # CPU dry run (Triton interpreter)
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-bf16   # bf16 only, + its tile sweep
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-norm   # + the norm-folded GEMVs' tiles
+    python benchmarks/bench_quant_gemv.py --out ... --methods --norm-ab      # the same at the default tiles only
     python benchmarks/bench_quant_gemv.py --out ... --methods --attention-merge   # + paged attention's split merge
 
 Cases (M = 1 decode row by default, --rows for more):
@@ -353,11 +354,12 @@ def sweep_bf16(l2: int, calls: int, gen) -> list[dict]:
     return rows
 
 
-def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
+def sweep_norm(l2: int, calls: int, gen, quick: bool = False) -> list[dict]:
     """The GEMVs with the residual add + RMSNorm folded in (kernels/norm_gemv.py) at one decode
     row, each beside the unfused kernels it replaces: the q/k/v and router tiles
     (add_norm_gemv), then the MoE's gate-up tiles and its down tiles (add_norm_moe: router GEMV,
-    gate-up with the top-k, down). Every call has its own row, so the MoE's routing changes."""
+    gate-up with the top-k, down). Every call has its own row, so the MoE's routing changes.
+    quick: the default tiles only (fused, unfused, and the MoE with the router's top-k kernel)."""
     from thinktalk.kernels import norm_gemv as ng
     from thinktalk.kernels.rms_norm import add_rms_norm
     from thinktalk.kernels.router import softmax_topk
@@ -386,6 +388,10 @@ def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
         check = lambda cfg: rel_err(ng.add_norm_gemv(xs[0], rs[0], g, eps, w, config=cfg)[0], exact)  # noqa: E731
         base = ng.norm_gemv_config(1, n, k, 2)
         _time_config(rows, name, fn, check, n_calls, base, read_bytes=nbytes(w))
+        if quick:
+            print(json.dumps(rows[-1]), flush=True)
+            del ws, w
+            continue
         tried = []
         narrow = n < 1024
         for bn, bk, warps in itertools.product((1, 2, 4) if narrow else (4, 8, 16), (128, 256, 512), (1, 2) if narrow else (2, 4)):
@@ -417,6 +423,10 @@ def sweep_norm(l2: int, calls: int, gen) -> list[dict]:
     base = ng.norm_moe_config(1, TOP_K, HIDDEN, INTER, 2)
     read = TOP_K * nbytes(gu[0], dn[0]) + nbytes(router)
     _time_config(rows, "moe", fn, check, calls, base, read_bytes=read)
+    if quick:
+        _time_config(rows, "moe, top-k kernel", fn, check, calls, dict(base, route_in_gate_up=False), read_bytes=read)
+        print(json.dumps(rows[-2:]), flush=True)
+        return rows
     tried = []
     for bn, bk, w in itertools.product((4, 8, 16), (64, 128, 256), (2, 4)):  # gate-up, down at its default
         cfg = dict(base, BLOCK_N_GU=bn, BLOCK_K_GU=bk, num_warps_gu=w)
@@ -514,6 +524,8 @@ def main():
                     help="also time the paged decode attention's split merge: a kernel vs the last split program")
     ap.add_argument("--sweep-norm", action="store_true",
                     help="also sweep the tiles of the GEMVs with the RMSNorm folded in (kernels/norm_gemv.py)")
+    ap.add_argument("--norm-ab", action="store_true",
+                    help="the GEMVs with the RMSNorm folded in against the unfused kernels, default tiles only")
     args = ap.parse_args()
     METHODS = tuple(args.methods)
     if args.tiny:
@@ -535,8 +547,8 @@ def main():
         sweep_rows = sweep(l2, args.calls, gen) if args.sweep else None
         if args.sweep_bf16:
             sweep_rows = (sweep_rows or []) + sweep_bf16(l2, args.calls, gen)
-        if args.sweep_norm:
-            sweep_rows = (sweep_rows or []) + sweep_norm(l2, args.calls, gen)
+        if args.sweep_norm or args.norm_ab:
+            sweep_rows = (sweep_rows or []) + sweep_norm(l2, args.calls, gen, quick=not args.sweep_norm)
         if args.attention_merge:
             sweep_rows = (sweep_rows or []) + attention_merge_cases(args.calls, gen)
     result = {
