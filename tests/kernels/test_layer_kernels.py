@@ -85,6 +85,23 @@ def test_softmax_topk(experts, top_k, normalize):
     torch.testing.assert_close(w, ref_w, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk_ties_signs_and_ragged_expert_counts(normalize):
+    """Picked on keys that pack each logit with its index: negative and positive logits in order,
+    equal logits taken lowest index first, a row of 100 experts (padded to 128) never picks the
+    padding; weights equal the torch reference's to float32 rounding."""
+    logits = torch.tensor([[-3.0, 2.5, -0.5, 2.5, 0.0, -7.0, 2.5, 1.0] + [-9.0] * 92,
+                           [-1.0] * 50 + [-2.0] * 50,  # all tied within two levels
+                           [float(-i) / 7 for i in range(100)]])
+    w, ids = router.softmax_topk(logits, 5, normalize)
+    assert ids.tolist() == [[1, 3, 6, 7, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    probs = torch.softmax(logits.double(), -1)
+    ref = probs.gather(1, ids)
+    if normalize:
+        ref = ref / ref.sum(-1, keepdim=True)
+    torch.testing.assert_close(w.double(), ref, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qk_norm_rope_stores_into_the_kv_cache(dtype):
     """With store=(k_cache, v_cache, slots) the kernel also writes the rotated keys and the values

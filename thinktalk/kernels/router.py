@@ -3,7 +3,7 @@
 `layers.moe.route` is a linear layer followed by softmax, topk, sum, divide and a cast: five small
 kernels per MoE layer and step. `softmax_topk` takes the router logits [N, E] and does the rest in
 one program per token (E <= a few hundred: the row fits in registers; the top k are found by k
-rounds of argmax). `softmax_topk_reference` is the torch code; the chosen experts are the same
+rounds of one max over keys that pack each logit with its index). `softmax_topk_reference` is the torch code; the chosen experts are the same
 (ties aside) and the weights equal to float32 rounding.
 """
 
@@ -32,26 +32,42 @@ def softmax_topk_reference(logits: torch.Tensor, top_k: int, normalize: bool):
 if triton is not None:
 
     @triton.jit
+    def _logit_of(key, E_PAD: tl.constexpr):
+        """The logit a `routed_experts` key was made of (key: expert bits below the order bits)."""
+        order = ((key - (key & (E_PAD - 1))) // E_PAD).to(tl.int32)  # exact: the low bits are gone
+        return tl.where(order >= 0, order, order ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def routed_experts(row_ptr, num_experts, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                        NORMALIZE: tl.constexpr):
         """softmax + top-k of the logits at row_ptr[:num_experts]: (weights [K_PAD] fp32, ids [K_PAD]
         int64), slots past TOP_K zero. Also inlined by the MoE gate-up kernel that reads the router's
-        logits itself (norm_gemv._moe_gate_up_norm_kernel)."""
+        logits itself (norm_gemv._moe_gate_up_norm_kernel), so it is kept to one reduction a round:
+        the softmax is monotonic, so the top k are picked on the logits, each packed with its index
+        into one int64 key (the float's bits made order-preserving as a signed int, then the
+        complement of the index: the lowest index first among equal logits); only the chosen
+        logits are exponentiated (and, without NORMALIZE, the whole row once for the softmax's sum)."""
         offs = tl.arange(0, E_PAD)
         x = tl.load(row_ptr + offs, mask=offs < num_experts, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - tl.max(x, axis=0))
-        p = p / tl.sum(p, axis=0)
+        bits = x.to(tl.int32, bitcast=True)
+        order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        keys = order.to(tl.int64) * E_PAD + (E_PAD - 1 - offs)
         slots = tl.arange(0, K_PAD)
-        weights = tl.zeros((K_PAD,), dtype=tl.float32)
-        ids = tl.zeros((K_PAD,), dtype=tl.int64)
+        chosen = tl.zeros((K_PAD,), dtype=tl.int64)
+        top = 0.0
         for i in tl.static_range(TOP_K):
-            best = tl.max(p, axis=0)
-            idx = tl.min(tl.where(p == best, offs, E_PAD), axis=0)  # the lowest index among ties
-            weights = tl.where(slots == i, best, weights)
-            ids = tl.where(slots == i, idx.to(tl.int64), ids)
-            p = tl.where(offs == idx, -1.0, p)
+            best = tl.max(keys, axis=0)
+            chosen = tl.where(slots == i, best, chosen)
+            keys = tl.where(keys == best, -(1 << 62), keys)
+            if i == 0:
+                top = _logit_of(best, E_PAD)
+        ok = slots < TOP_K
+        ids = tl.where(ok, E_PAD - 1 - (chosen & (E_PAD - 1)), 0)
+        e = tl.where(ok, tl.exp(_logit_of(chosen, E_PAD) - top), 0.0)
         if NORMALIZE:
-            weights = weights / tl.sum(weights, axis=0)
+            weights = e / tl.sum(e, axis=0)
+        else:
+            weights = e / tl.sum(tl.exp(x - top), axis=0)
         return weights, ids
 
     @triton.jit
