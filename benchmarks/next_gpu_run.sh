@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What the next GPU session should run first, in one device call (carry .whl and .whl-rt, the
 # wheels the GPU machine lacks; see the README's benchmark section):
+#   both -> first the CUDA tests of the decode fusions; stop if they fail
 #   H200 -> #4's run: the thinker beside transformers (bench_thinker.py), defaults
-#   H100 -> the CUDA tests of the decode fusions (norms folded into the GEMVs, the router's top-k in
-#           the gate-up GEMV, paged attention's split merge in its last program), the thinker with
+#   H100 -> (the fusions: norms folded into the GEMVs, the router's top-k in the gate-up GEMV,
+#           paged attention's split merge in its last program) the thinker with
 #           the norms folded and without (one stream and 64 streams, same machine back to back), the
 #           fusions' kernel A/B (bench_quant_gemv --norm-ab --attention-merge) and the logits check
 #           against transformers
@@ -13,14 +14,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 t0=$(date +%s)
+# the decode fusions' CUDA tests first: no figure is taken from kernels that fail them
+timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py tests/kernels/test_paged_attention_cuda.py \
+  > /tmp/cuda_tests.log 2>&1; rc=$?
+grep -E "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14
+echo "cuda tests (rc $rc) done at $(( $(date +%s) - t0 )) s"
+if [[ $rc -ne 0 ]]; then tail -40 /tmp/cuda_tests.log; exit 1; fi
 if [[ "$GPU" == *H200* ]]; then
-  timeout 450 python3 benchmarks/bench_thinker.py --out "$OUT/thinker_h200.json" --concurrency 8 32 64 128 \
-    --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 --hf-concurrency 8 32 \
-    2>&1 | grep -v Warning | tail -30
+  timeout $(( 570 - ($(date +%s) - t0) )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_h200.json" \
+    --concurrency 8 32 64 128 --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 \
+    --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
 else
-  timeout 150 python3 -m pytest -q -s tests/kernels/test_norm_gemv_cuda.py tests/kernels/test_paged_attention_cuda.py \
-    2>&1 | grep -E "passed|failed|rror|tokens=|lens=|moe" | tail -14
-  echo "cuda tests done at $(( $(date +%s) - t0 )) s"
   for f in true false; do
     timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/fuse_$f.json" --skip-transformers --video-seconds \
       --concurrency 64 --engine-config '{"max_num_seqs":64,"max_prefill_tokens":4096,"gpu_memory_utilization":0.9,"fuse_norm_gemv":'$f'}' \
