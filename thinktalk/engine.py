@@ -113,6 +113,9 @@ class EngineConfig:
     # kernels a layer fewer at a few decode rows). H100, back to back: one stream 291 vs 285
     # tok/s, 64 streams unchanged (2,679 vs 2,680; thinker_norm_gemv_pdl_ab_h100.json).
     fuse_norm_gemv: bool = True
+    # the paged decode attention's splits merged by each group's last split program (a ticket
+    # count, kernels/paged_attention.py) instead of a merge kernel after it: one kernel a layer fewer
+    merge_in_decode_kernel: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -510,6 +513,7 @@ class Engine:
             self.device, cfg.enable_prefix_caching,
             placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
             decode_attention=cfg.decode_attention, hidden_size=hidden_size, hidden_layer=self.capture_layer,
+            merge_in_decode_kernel=cfg.merge_in_decode_kernel,
         )
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:
