@@ -418,9 +418,12 @@ def sweep_norm(l2: int, calls: int, gen, quick: bool = False) -> list[dict]:
         return fg.moe_gemv(normed, gu, dn, weights, ids)
 
     unfused_row("moe", unfused_moe, calls)
-    fn = lambda i, cfg: ng.add_norm_moe(xs[i], rs[i], g, eps, moe, config=cfg)  # noqa: E731
-    check = lambda cfg: rel_err(ng.add_norm_moe(xs[0], rs[0], g, eps, moe, config=cfg)[0], exact)  # noqa: E731
-    base = ng.norm_moe_config(1, TOP_K, HIDDEN, INTER, 2)
+    def fn(i, cfg):
+        tiles = {k: v for k, v in cfg.items() if k != "route_in_gate_up"}
+        return ng.add_norm_moe(xs[i], rs[i], g, eps, moe, config=tiles, route_in_gate_up=cfg["route_in_gate_up"])
+
+    check = lambda cfg: rel_err(fn(0, cfg)[0], exact)  # noqa: E731
+    base = dict(ng.norm_moe_config(1, TOP_K, HIDDEN, INTER, 2), route_in_gate_up=True)
     read = TOP_K * nbytes(gu[0], dn[0]) + nbytes(router)
     _time_config(rows, "moe", fn, check, calls, base, read_bytes=read)
     if quick:

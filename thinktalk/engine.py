@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +114,13 @@ class EngineConfig:
     # kernels a layer fewer at a few decode rows). H100, back to back: one stream 291 vs 285
     # tok/s, 64 streams unchanged (2,679 vs 2,680; thinker_norm_gemv_pdl_ab_h100.json).
     fuse_norm_gemv: bool = True
+    # with fuse_norm_gemv: the MoE's gate-up GEMV programs pick their experts from the router's
+    # logits (norm_gemv.add_norm_moe's route_in_gate_up) instead of a top-k kernel before them; and
     # the paged decode attention's splits merged by each group's last split program (a ticket
-    # count, kernels/paged_attention.py) instead of a merge kernel after it: one kernel a layer fewer
-    merge_in_decode_kernel: bool = True
+    # count, kernels/paged_attention.py) instead of a merge kernel after it. One kernel a layer
+    # fewer each; off until measured on a GPU (benchmarks/next_gpu_run.sh).
+    route_in_gate_up: bool = False
+    merge_in_decode_kernel: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -150,14 +155,17 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
     return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
 
 
-def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = True) -> None:
+def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = True,
+                       route_in_gate_up: bool = False) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
     MLP's gate and up projections (`fuse_gate_up`, then one SiLU-and-multiply kernel), and the
     float linears take GEMVs for the few rows of a decode step (kernels/gemv.py); the MoE kernel
     is the fused grouped GEMM, GEMVs over the selected experts for a few tokens. fuse_norm_gemv
-    (with decode_gemv): the decoder layers' input norm folded into their q/k/v GEMV (norm_gemv.py)."""
+    (with decode_gemv): the decoder layers' input norm folded into their q/k/v GEMV (norm_gemv.py)
+    and their post-attention norm into the MoE's router and gate-up GEMVs (route_in_gate_up: and
+    the router's top-k into the gate-up GEMV)."""
     from .kernels import gemv
     from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
@@ -183,7 +191,8 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
         elif layers and isinstance(module, DecoderLayer):  # set either way, as `linear`
             fuse = decode_gemv and fuse_norm_gemv
             module.norm_linear_fn = add_norm_linear if fuse else None
-            module.norm_moe_fn = add_norm_moe if fuse and moe and isinstance(module.mlp, SparseMoE) else None
+            norm_moe = partial(add_norm_moe, route_in_gate_up=True) if route_in_gate_up else add_norm_moe
+            module.norm_moe_fn = norm_moe if fuse and moe and isinstance(module.mlp, SparseMoE) else None
         elif layers and isinstance(module, GatedMLP):  # the talker's shared expert, the code predictor
             module.linear_fn = linear
             if fuse_gate_up(module):
@@ -211,7 +220,8 @@ class Engine:
             layer_kernels=("triton" if on_cuda else "torch") if self.config.layer_kernels == "auto" else self.config.layer_kernels,
         )
         use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
-                           decode_gemv=self.config.decode_gemv, fuse_norm_gemv=self.config.fuse_norm_gemv)
+                           decode_gemv=self.config.decode_gemv, fuse_norm_gemv=self.config.fuse_norm_gemv,
+                           route_in_gate_up=self.config.route_in_gate_up)
         set_programmatic_launch(self.config.programmatic_launch)  # before the kernels' warm-up and graph capture
         visual = getattr(self.thinker, "visual", None)
         if visual is not None:

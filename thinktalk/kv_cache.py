@@ -92,7 +92,7 @@ class PagedPool:
         decode_attention: str = "auto",
         hidden_size: int = 0,
         hidden_layer: int | None = None,
-        merge_in_decode_kernel: bool = True,
+        merge_in_decode_kernel: bool = False,
     ):
         """hidden_size > 0 (with hidden_layer, the captured layer whose states it keeps): hold
         the side tensor of hidden states described in the module docstring. merge_in_decode_kernel:

@@ -118,8 +118,7 @@ def test_norm_in_the_moe_matches_the_unfused_reference_fp32(tokens, route_in_gat
     own top-k kernel first: the unfused reference's result either way."""
     moe = _moe(torch.float32, tokens)
     x, residual, norm_weight, _ = _inputs(tokens, 8, 64, torch.float32, 100 + tokens)
-    cfg = dict(ng.norm_moe_config(tokens, moe.top_k, 64, 24, 4), route_in_gate_up=route_in_gate_up)
-    got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe, config=cfg)
+    got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe, route_in_gate_up=route_in_gate_up)
     assert got is not None
     out, total = got
     ref_out, ref_total = ng.add_norm_moe_reference(x, residual, norm_weight, EPS, moe)

@@ -459,8 +459,7 @@ def test_kv_sizing_profile_covers_a_vision_pass_and_held_embeddings(model, monke
 @pytest.mark.parametrize("merge_in_kernel", [True, False])
 def test_decode_attention_splits_merged_in_the_kernel(model, monkeypatch, merge_in_kernel):
     """The Triton decode attention (interpreter) with its context split in 3 (as on a GPU): the
-    splits merged by each group's last program (merge_in_decode_kernel, the default) or by the
-    merge kernel; the reference's tokens either way, the tickets all back to zero."""
+    splits merged by each group's last program (merge_in_decode_kernel) or by the merge kernel; the reference's tokens either way, the tickets all back to zero."""
     from thinktalk.kernels import paged_attention as pa
 
     if not pa.available("cpu"):
@@ -487,10 +486,14 @@ def test_decode_attention_splits_merged_in_the_kernel(model, monkeypatch, merge_
         assert tickets is None and merge_grids
 
 
-def test_the_norms_folded_into_the_gemvs_in_the_engine(model, monkeypatch):
+@pytest.mark.parametrize("route_in_gate_up", [False, True])
+def test_the_norms_folded_into_the_gemvs_in_the_engine(model, monkeypatch, route_in_gate_up):
     """Every layer kernel and decode GEMV (Triton interpreter) inside the engine with the norms
-    folded into the q/k/v and MoE GEMVs (fuse_norm_gemv): the reference's greedy tokens (fp32: the
-    fused norm's other rounding is far below a token flip), the fused kernels taking the decode steps."""
+    folded into the q/k/v and MoE GEMVs (fuse_norm_gemv; route_in_gate_up: the router's top-k in
+    the gate-up GEMV too): the reference's greedy tokens (fp32: the fused norm's other rounding is
+    far below a token flip), the fused kernels taking the decode steps."""
+    from functools import partial
+
     from thinktalk.kernels import norm_gemv as ng
     from thinktalk.kernels.common import available
     from thinktalk.layers.decoder import DecoderLayer
@@ -505,18 +508,21 @@ def test_the_norms_folded_into_the_gemvs_in_the_engine(model, monkeypatch):
     real, real_moe = ng.add_norm_gemv, ng.add_norm_moe
     monkeypatch.setattr(ng, "add_norm_gemv", lambda x, *a, **kw: rows.append(x.shape[0]) or real(x, *a, **kw))
 
-    def norm_moe(x, *a):
-        out = real_moe(x, *a)
+    def norm_moe(x, *a, **kw):
+        assert kw.get("route_in_gate_up", False) == route_in_gate_up
+        out = real_moe(x, *a, **kw)
         moe_rows.append(None if out is None else x.shape[0])
         return out
 
     monkeypatch.setattr(ng, "add_norm_moe", norm_moe)
-    config = _paged(decode_attention="triton", moe_kernel="triton", layer_kernels="triton", fuse_norm_gemv=True)
+    config = _paged(decode_attention="triton", moe_kernel="triton", layer_kernels="triton", fuse_norm_gemv=True,
+                    route_in_gate_up=route_in_gate_up)
     outs, engine = _run(fresh, config, [_clone(r) for r in reqs])
     layers = [m for m in fresh.modules() if isinstance(m, DecoderLayer)]
     moe_layers = [layer for layer in layers if isinstance(layer.mlp, SparseMoE)]
     assert all(layer.norm_linear_fn is ng.add_norm_linear for layer in layers)
-    assert moe_layers and all(layer.norm_moe_fn is norm_moe for layer in moe_layers)
+    assert moe_layers and all(getattr(layer.norm_moe_fn, "func", layer.norm_moe_fn) is norm_moe
+                              and isinstance(layer.norm_moe_fn, partial) == route_in_gate_up for layer in moe_layers)
     assert outs == ref
     # decode steps of 2 rows, then 1: the q/k/v GEMVs of the layers after the first (the first
     # has no residual to add) and the router GEMVs of the MoE layers; the MoE took them too

@@ -26,9 +26,10 @@ product both read the normed row. `add_norm_moe` folds it into both, the same wa
 (program 0 writing the new residual h) and the gate-up GEMV over the selected experts, which reads
 h, multiplies by g and scales gate and up by the rsqrt before SiLU(gate) * up; the router's softmax
 + top-k is folded into the gate-up GEMV too (each of its programs picks its expert from the
-logits); the down GEMV is kernels/gemv.py's: three kernels instead of five (norm, router, top-k,
-gate-up, down). For the few tokens the MoE GEMVs take (GEMV_MAX_TOKENS), float experts, no shared
-expert; else the caller runs the norm and the MoE as before.
+logits, with route_in_gate_up); the down GEMV is kernels/gemv.py's: three kernels instead of five
+(norm, router, top-k, gate-up, down), four without route_in_gate_up. For the few tokens the MoE
+GEMVs take (GEMV_MAX_TOKENS), float experts, no shared expert; else the caller runs the norm and
+the MoE as before.
 
     add_norm_moe(x, residual, norm_weight, eps, moe)       -> (moe(norm(x + residual)), x + residual) or None
 
@@ -243,12 +244,13 @@ if triton is not None:
 
 
 def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, moe,
-                 config: dict | None = None):
+                 config: dict | None = None, route_in_gate_up: bool = False):
     """(moe(rms_norm(x + residual)), x + residual) for a layers.moe.SparseMoE with float experts and
     no shared expert, x [N, H] of up to GEMV_MAX_TOKENS tokens; None where that does not hold (or
     the kernels do not run here): the caller then runs the norm and the MoE itself. config: the
-    gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them), and route_in_gate_up
-    (default True; False: the router's softmax + top-k as a kernel of its own, as measured against)."""
+    gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them). route_in_gate_up: the
+    gate-up programs pick their experts from the logits; else (the default until it is measured on
+    a GPU) the router's softmax + top-k kernel runs between the router and the gate-up GEMVs."""
     experts = moe.experts
     gate_up, down = experts.gate_up_proj, experts.down_proj
     router = moe.gate.weight
@@ -264,7 +266,7 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     inter = gate_up.shape[1] // 2
     cfg = config or norm_moe_config(n, top_k, hidden_size, inter, x.element_size())
     pdl = pdl_args(x.device)
-    route_here = cfg.get("route_in_gate_up", True)  # else router.py's kernel first (benchmarks compare)
+    route_here = route_in_gate_up
     if route_here:
         route_w = torch.empty(n * top_k, dtype=x.dtype, device=x.device)
         route_ids = torch.empty(n * top_k, dtype=torch.int64, device=x.device)
