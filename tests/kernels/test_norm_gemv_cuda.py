@@ -118,3 +118,26 @@ def test_engine_tokens_equal_with_and_without():
         return greedy_tokens(model, EngineConfig(fuse_norm_gemv=fuse, num_kv_blocks=256, max_num_seqs=8), requests)
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_router_top_k_kernel_picks_the_references_experts(normalize):
+    """router.softmax_topk compiled (keys packing each logit with its index): the reference's
+    experts in its order where the logits do not tie, ties lowest index first, weights to fp32
+    rounding; also inlined in the gate-up GEMV with route_in_gate_up (the MoE test above)."""
+    from thinktalk.kernels.router import softmax_topk, softmax_topk_reference
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    logits = (torch.randn(64, 128, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    logits[0, :] = 1.0  # all tied: experts 0..7
+    logits[1, 100:] = 9.0  # 28 tied at the top: 100..107
+    w, ids = softmax_topk(logits, 8, normalize)
+    ref_w, ref_ids = softmax_topk_reference(logits, 8, normalize)
+    assert ids[0].tolist() == list(range(8)) and ids[1].tolist() == list(range(100, 108))
+    probs = torch.softmax(logits.float(), -1).gather(1, ids)
+    want = probs / probs.sum(-1, keepdim=True) if normalize else probs
+    torch.testing.assert_close(w.float(), want.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-3)
+    top9 = logits.float().topk(9, -1).values
+    untied = [r for r in range(2, 64) if top9[r].unique().numel() == 9]  # no tie within the top 8 + 1
+    assert untied and all(ids[r].tolist() == ref_ids[r].tolist() for r in untied)
+    torch.testing.assert_close(w[untied].float(), ref_w[untied].float(), rtol=2**-7, atol=1e-3)
