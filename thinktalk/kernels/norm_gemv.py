@@ -266,8 +266,7 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     inter = gate_up.shape[1] // 2
     cfg = config or norm_moe_config(n, top_k, hidden_size, inter, x.element_size())
     pdl = pdl_args(x.device)
-    route_here = route_in_gate_up
-    if route_here:
+    if route_in_gate_up:
         route_w = torch.empty(n * top_k, dtype=x.dtype, device=x.device)
         route_ids = torch.empty(n * top_k, dtype=torch.int64, device=x.device)
     else:
@@ -280,7 +279,7 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
         total.stride(0), gate_up.stride(0), gate_up.stride(1), logits.stride(0), inter_act.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
         NORMALIZE=moe.norm_topk_prob, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=block_k, EVEN_K=hidden_size % block_k == 0,
-        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), ROUTE_HERE=route_here,
+        STAGES=cfg.get("num_stages", DEFAULT_STAGES), num_warps=cfg.get("num_warps_gu", 4), ROUTE_HERE=route_in_gate_up,
         **pdl,
     )
     out = run_moe_down(inter_act, route_w, route_ids, n, top_k, hidden_size, inter, cfg, float_expert_args(down), pdl)

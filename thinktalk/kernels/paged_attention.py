@@ -10,8 +10,9 @@ all the query heads of its GQA group at once (the group, 8 heads for Qwen3-Omni'
 to 16 rows for `tl.dot`), with an online softmax in fp32. For few sequences with long contexts the
 context is split across programs (flash-decoding); the partial outputs and their log-sum-exps are
 merged by a softmax-weighted sum: by the last of a group's split programs to finish, which it
-learns from a ticket count (`merge_tickets`), else by a merge kernel after it. Shapes depend only on the batch, so a decode step can be
-CUDA-graphed: splits whose range is empty write a -inf log-sum-exp and drop out of the merge.
+learns from a ticket count (`merge_tickets`), else by a merge kernel after it. Shapes depend only
+on the batch, so a decode step can be CUDA-graphed: splits whose range is empty write a -inf
+log-sum-exp and drop out of the merge.
 `paged_attention_reference` is the same function in plain torch (gather the context, SDPA), used
 on CPU and as the test oracle.
 

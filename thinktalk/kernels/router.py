@@ -3,8 +3,9 @@
 `layers.moe.route` is a linear layer followed by softmax, topk, sum, divide and a cast: five small
 kernels per MoE layer and step. `softmax_topk` takes the router logits [N, E] and does the rest in
 one program per token (E <= a few hundred: the row fits in registers; the top k are found by k
-rounds of one max over keys that pack each logit with its index). `softmax_topk_reference` is the torch code; the chosen experts are the same
-(ties aside) and the weights equal to float32 rounding.
+rounds of one max over keys that pack each logit with its index). `softmax_topk_reference` is the
+torch code; the chosen experts are the same (ties aside: here the lowest index first) and the
+weights equal to float32 rounding.
 """
 
 from __future__ import annotations
