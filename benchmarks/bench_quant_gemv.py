@@ -418,6 +418,7 @@ def sweep_norm(l2: int, calls: int, gen, quick: bool = False) -> list[dict]:
         return fg.moe_gemv(normed, gu, dn, weights, ids)
 
     unfused_row("moe", unfused_moe, calls)
+
     def fn(i, cfg):
         tiles = {k: v for k, v in cfg.items() if k != "route_in_gate_up"}
         return ng.add_norm_moe(xs[i], rs[i], g, eps, moe, config=tiles, route_in_gate_up=cfg["route_in_gate_up"])

@@ -1,7 +1,7 @@
 """The paged decode kernel's split merge done by each group's last split program (merge_tickets)
-on the GPU, at the thinker's shapes: the merge kernel's result up to the order of its sums, eagerly and replayed
-from a CUDA graph many times (a ticket left non-zero would make every later merge wrong), with
-programmatic launch on and off.
+on the GPU, at the thinker's shapes: the merge kernel's result up to the order of its sums,
+eagerly and replayed from a CUDA graph many times (a ticket left non-zero would make every later
+merge wrong), with programmatic launch on and off.
 
     pytest -q tests/kernels/test_paged_attention_cuda.py   # on a CUDA machine, in its own process
 """

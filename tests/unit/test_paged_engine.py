@@ -459,7 +459,8 @@ def test_kv_sizing_profile_covers_a_vision_pass_and_held_embeddings(model, monke
 @pytest.mark.parametrize("merge_in_kernel", [True, False])
 def test_decode_attention_splits_merged_in_the_kernel(model, monkeypatch, merge_in_kernel):
     """The Triton decode attention (interpreter) with its context split in 3 (as on a GPU): the
-    splits merged by each group's last program (merge_in_decode_kernel) or by the merge kernel; the reference's tokens either way, the tickets all back to zero."""
+    splits merged by each group's last program (merge_in_decode_kernel) or by the merge kernel;
+    the reference's tokens either way, the tickets all back to zero."""
     from thinktalk.kernels import paged_attention as pa
 
     if not pa.available("cpu"):

@@ -189,7 +189,7 @@ if triton is not None:
         stride_hm, stride_we, stride_wn, stride_lm, stride_om,
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-        USE_PDL: tl.constexpr, ROUTE_HERE: tl.constexpr = True,
+        USE_PDL: tl.constexpr, ROUTE_HERE: tl.constexpr,
     ):
         """Program (pair, n block): SiLU(gate) * up of BLOCK_N rows of the pair's expert for the
         normed row of the pair's token, h [token] read un-normed (quant_moe_gemv's gate-up kernel
