@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the next GPU session should run first, in one device call (carry .whl and .whl-rt, the
 # wheels the GPU machine lacks; see the README's benchmark section):
-#   both -> first the CUDA tests of the decode fusions; stop if they fail
+#   both -> first the CUDA tests of the decode fusions; stop if they fail (SKIP_TESTS=1: not again)
 #   H200 -> #4's run: the thinker beside transformers (bench_thinker.py), defaults
 #   H100 -> the thinker with and without the two fusions not yet measured (EngineConfig
 #           route_in_gate_up: the router's top-k in the gate-up GEMV; merge_in_decode_kernel: paged
@@ -15,27 +15,30 @@ export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 t0=$(date +%s)
 # the decode fusions' CUDA tests first: no figure is taken from kernels that fail them
-timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py tests/kernels/test_paged_attention_cuda.py \
+[[ -n "$SKIP_TESTS" ]] || timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py tests/kernels/test_paged_attention_cuda.py \
   > /tmp/cuda_tests.log 2>&1; rc=$?
 grep -E "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14
 echo "cuda tests (rc $rc) done at $(( $(date +%s) - t0 )) s"
 if [[ $rc -ne 0 ]]; then tail -40 /tmp/cuda_tests.log; exit 1; fi
-if [[ "$GPU" == *H200* ]]; then
+# RUN=ab forces the fusions' A/B (e.g. on an H200 after #4's run); RUN=h200 forces #4's run
+RUN=${RUN:-$([[ "$GPU" == *H200* ]] && echo h200 || echo ab)}
+TAG=$([[ "$GPU" == *H200* ]] && echo h200 || echo h100)
+if [[ "$RUN" == h200 ]]; then
   timeout $(( 570 - ($(date +%s) - t0) )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_h200.json" \
     --concurrency 8 32 64 128 --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 \
     --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
 else
   # the two fusions not yet measured, off (the defaults) and on, same machine back to back
   for f in false true; do
-    timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/fusions_$f.json" --skip-transformers --video-seconds \
+    timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/fusions_${f}_$TAG.json" --skip-transformers --video-seconds \
       --concurrency 64 --engine-config '{"max_num_seqs":64,"max_prefill_tokens":4096,"gpu_memory_utilization":0.9,'\
 '"route_in_gate_up":'$f',"merge_in_decode_kernel":'$f'}' 2>&1 | grep -E "rror" | tail -4
     echo "route_in_gate_up + merge_in_decode_kernel $f done at $(( $(date +%s) - t0 )) s"
   done
-  timeout 120 python3 benchmarks/bench_quant_gemv.py --methods --attention-merge --norm-ab --out "$OUT/norm_ab.json" \
+  timeout 120 python3 benchmarks/bench_quant_gemv.py --methods --attention-merge --norm-ab --out "$OUT/norm_ab_$TAG.json" \
     2>&1 | grep -E "unfused|moe|qkv|router|paged_attention|rror" | cut -c1-600
   echo "kernel A/B done at $(( $(date +%s) - t0 )) s"
-  timeout $(( 570 - ($(date +%s) - t0) )) python3 benchmarks/check_logits.py --out "$OUT/logits_check_h100.json" \
+  timeout $(( 570 - ($(date +%s) - t0) )) python3 benchmarks/check_logits.py --out "$OUT/logits_check_$TAG.json" \
     2>&1 | grep -E "cosine|top1|rror" | tail -6
 fi
 echo "total $(( $(date +%s) - t0 )) s"
