@@ -5,8 +5,7 @@
 #   H200 -> #4's run: the thinker beside transformers (bench_thinker.py), defaults
 #   H100 -> the thinker with and without the two fusions not yet measured (EngineConfig
 #           route_in_gate_up: the router's top-k in the gate-up GEMV; merge_in_decode_kernel: paged
-#           attention's split merge in its last program; moe_scan_pairs: the grouped MoE of 9+ decode
-#           rows without the expert sort), one stream and 64 streams, same machine
+#           attention's split merge in its last program), one stream and 64 streams, same machine
 #           back to back; the fusions' kernel A/B (bench_quant_gemv --norm-ab --attention-merge);
 #           the logits check against transformers (defaults)
 # Results land in $OUT; add measured_commit by hand (the JSON's "git" field shows the copy's HEAD).
@@ -17,7 +16,6 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $
 t0=$(date +%s)
 # the decode fusions' CUDA tests first: no figure is taken from kernels that fail them
 [[ -n "$SKIP_TESTS" ]] || timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py tests/kernels/test_paged_attention_cuda.py \
-  tests/kernels/test_fused_moe_cuda.py \
   > /tmp/cuda_tests.log 2>&1; rc=$?
 grep -E "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14
 echo "cuda tests (rc $rc) done at $(( $(date +%s) - t0 )) s"
@@ -30,14 +28,13 @@ if [[ "$RUN" == h200 ]]; then
     --concurrency 8 32 64 128 --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 \
     --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
 else
-  # the three fusions not yet measured, off (the defaults) and on, same machine back to back
+  # the two fusions not yet measured, off (the defaults) and on, same machine back to back
   for f in false true; do
     timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/fusions_${f}_$TAG.json" --skip-transformers --video-seconds \
       --concurrency 64 --engine-config '{"max_num_seqs":64,"max_prefill_tokens":4096,"gpu_memory_utilization":0.9,'\
-'"route_in_gate_up":'$f',"merge_in_decode_kernel":'$f',"moe_scan_pairs":'$f'}' 2>&1 | grep -E "rror" | tail -4
-    echo "route_in_gate_up + merge_in_decode_kernel + moe_scan_pairs $f done at $(( $(date +%s) - t0 )) s"
+'"route_in_gate_up":'$f',"merge_in_decode_kernel":'$f'}' 2>&1 | grep -E "rror" | tail -4
+    echo "route_in_gate_up + merge_in_decode_kernel $f done at $(( $(date +%s) - t0 )) s"
   done
-  timeout 60 python3 benchmarks/tune_fused_moe.py --scan-ab --tokens 16 64 128 --out "$OUT/moe_scan_ab_$TAG.json" 2>&1 | tail -3
   timeout 120 python3 benchmarks/bench_quant_gemv.py --methods --attention-merge --norm-ab --out "$OUT/norm_ab_$TAG.json" \
     2>&1 | grep -E "unfused|moe|qkv|router|paged_attention|rror" | cut -c1-600
   echo "kernel A/B done at $(( $(date +%s) - t0 )) s"

@@ -7,8 +7,6 @@ timed as a CUDA graph of 20 calls (the engine replays decode steps as graphs, so
 not what is being measured). `kernels/fused_moe._pick_config` takes its table from the result.
 --down keeps the chosen gate_up tiles and sweeps the down projection's own (BLOCK_N_D, BLOCK_K_D,
 num_warps_d, num_stages_d): its K (= I = 768) is a few steps of the K loop.
---scan-ab times the default tiles with and without `scan_pairs` (each expert's programs scanning
-the top-k ids for their rows instead of moe_align's sort before them), nothing else.
 """
 
 from __future__ import annotations
@@ -53,7 +51,6 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512])
     ap.add_argument("--down", action="store_true", help="sweep the down projection's tiles only")
-    ap.add_argument("--scan-ab", action="store_true", help="the default tiles with scan_pairs off and on")
     args = ap.parse_args()
     experts, hidden, inter, top_k = 128, 2048, 768, 8
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -72,15 +69,6 @@ def main():
         w, ids = route(x, router, top_k, True)
         hit = torch.unique(ids).numel()
         rows = []
-        if args.scan_ab:  # the same routing both ways, alternated so drift hits both
-            times = {False: [], True: []}
-            for _ in range(3):
-                for scan in (False, True):
-                    times[scan].append(time_graph(lambda: fused_moe(x, gate_up, down, w, ids, scan_pairs=scan)))
-            result["tokens"][str(n)] = {"experts_hit": hit, "sorted_us": min(times[False]), "scanned_us": min(times[True]),
-                                        "runs_us": {str(k): v for k, v in times.items()}}
-            print(n, result["tokens"][str(n)], flush=True)
-            continue
         if args.down:
             base = _pick_config(n * top_k, experts, hidden, inter)
             candidates = [{**base, "BLOCK_N_D": bn, "BLOCK_K_D": bk, "num_warps_d": w, "num_stages_d": st}

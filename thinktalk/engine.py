@@ -121,11 +121,6 @@ class EngineConfig:
     # fewer each; off until measured on a GPU (benchmarks/next_gpu_run.sh).
     route_in_gate_up: bool = False
     merge_in_decode_kernel: bool = False
-    # the grouped fused MoE of decode batches past the GEMVs (9..128 sequences): each expert's
-    # programs find its (token, slot) pairs by scanning the top-k ids instead of an expert sort
-    # kernel before them (kernels/fused_moe.py's scan_pairs; one kernel a layer fewer, 8.4 µs of
-    # 22.5 ms a 64-stream step on the H100). Off until measured on a GPU.
-    moe_scan_pairs: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -161,7 +156,7 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
 
 
 def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = True,
-                       route_in_gate_up: bool = False, moe_scan_pairs: bool = False) -> None:
+                       route_in_gate_up: bool = False) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
     reference it replaces, set as a class attribute; this sets instance attributes). With the layer
     kernels the attention's q/k/v projections also become one GEMM (`fuse_qkv`), as do a gated
@@ -170,8 +165,7 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
     is the fused grouped GEMM, GEMVs over the selected experts for a few tokens. fuse_norm_gemv
     (with decode_gemv): the decoder layers' input norm folded into their q/k/v GEMV (norm_gemv.py)
     and their post-attention norm into the MoE's router and gate-up GEMVs (route_in_gate_up: and
-    the router's top-k into the gate-up GEMV). moe_scan_pairs: the grouped MoE's decode batches
-    without the expert sort (fused_moe's scan_pairs)."""
+    the router's top-k into the gate-up GEMV)."""
     from .kernels import gemv
     from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
@@ -181,13 +175,10 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
     from .kernels.router import softmax_topk
 
     linear = gemv.linear if decode_gemv else F.linear  # set either way: a model may serve several engines
-    experts = gemv.experts if decode_gemv else fused_moe
-    if moe_scan_pairs:
-        experts = partial(experts, scan_pairs=True)
     for module in model.modules():
         if isinstance(module, SparseMoE):
             if moe:
-                module.experts_fn = experts
+                module.experts_fn = gemv.experts if decode_gemv else fused_moe
             if layers:
                 module.topk_fn = softmax_topk
                 module.linear_fn = linear
@@ -230,7 +221,7 @@ class Engine:
         )
         use_triton_kernels(model, moe=self.config.moe_kernel == "triton", layers=self.config.layer_kernels == "triton",
                            decode_gemv=self.config.decode_gemv, fuse_norm_gemv=self.config.fuse_norm_gemv,
-                           route_in_gate_up=self.config.route_in_gate_up, moe_scan_pairs=self.config.moe_scan_pairs)
+                           route_in_gate_up=self.config.route_in_gate_up)
         set_programmatic_launch(self.config.programmatic_launch)  # before the kernels' warm-up and graph capture
         visual = getattr(self.thinker, "visual", None)
         if visual is not None:

@@ -24,10 +24,10 @@ def _inputs(n, hidden, inter, experts, top_k, dtype, seed=0):
     return [t.to(dtype) for t in (x, gate_up, down, weights)] + [ids]
 
 
-def _errors(n, hidden, inter, experts, top_k, dtype, config=None, scan_pairs=False):
+def _errors(n, hidden, inter, experts, top_k, dtype, config=None):
     x, gate_up, down, weights, ids = _inputs(n, hidden, inter, experts, top_k, dtype)
     exact = moe_reference(x.double(), gate_up.double(), down.double(), weights.double(), ids)
-    got = fm.fused_moe(x, gate_up, down, weights, ids, F.silu, config=config, scan_pairs=scan_pairs)
+    got = fm.fused_moe(x, gate_up, down, weights, ids, F.silu, config=config)
     ref = moe_reference(x, gate_up, down, weights, ids)  # the reference in the same dtype
     assert got.dtype == dtype and got.shape == x.shape
     return (got.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
@@ -61,42 +61,6 @@ def test_fused_moe_own_down_tiles():
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, BLOCK_N_D=32, BLOCK_K_D=16, num_warps_d=2, num_stages_d=2)
     err, _ = _errors(50, 64, 48, 4, 2, torch.float32, config=cfg)
     assert err < 1e-5
-
-
-@pytest.mark.parametrize(
-    "n,experts,top_k,config,most_chunks",
-    [
-        (9, 16, 2, None, 1),  # decode tiles (BLOCK_M 16): 18 pairs, a few an expert, some experts unused
-        (40, 8, 3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), 2),  # experts with over 16 rows: 2 chunks
-        (30, 4, 2, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_N_D=16, BLOCK_K_D=32), 2),  # own down tiles
-    ],
-)
-def test_fused_moe_scanning_the_pairs_matches_the_sorted_path(n, experts, top_k, config, most_chunks):
-    """scan_pairs: each expert's programs find their rows in the top-k ids (in pair order, BLOCK_M
-    at a time) instead of moe_align's sort; the same products, so the same result to the bit as
-    the sorted path, and the reference's within fp32 rounding."""
-    x, gate_up, down, weights, ids = _inputs(n, 64, 48, experts, top_k, torch.float32, seed=3)
-    assert -(-torch.bincount(ids.flatten()).max().item() // 16) == most_chunks
-    scanned = fm.fused_moe(x, gate_up, down, weights, ids, F.silu, config=config, scan_pairs=True)
-    sorted_ = fm.fused_moe(x, gate_up, down, weights, ids, F.silu, config=config)
-    ref = moe_reference(x, gate_up, down, weights, ids)
-    assert torch.equal(scanned, sorted_)
-    assert (scanned - ref).abs().max().item() < 1e-5
-
-
-def test_fused_moe_scan_leaves_prefill_and_pair_blocks_alone(monkeypatch):
-    """scan_pairs only where it fits: not for 1-2 tokens (a block a pair), nor past SCAN_PAIRS_MAX
-    pairs (moe_align runs there)."""
-    calls = []
-    real = fm.moe_align
-    monkeypatch.setattr(fm, "moe_align", lambda *a: calls.append(a) or real(*a))
-    for n, expect_align in [(1, False), (9, False), (40, True)]:
-        monkeypatch.setattr(fm, "SCAN_PAIRS_MAX", 64)
-        calls.clear()
-        x, gate_up, down, weights, ids = _inputs(n, 32, 16, 16, 2, torch.float32)
-        got = fm.fused_moe(x, gate_up, down, weights, ids, F.silu, scan_pairs=True)
-        assert (got - moe_reference(x, gate_up, down, weights, ids)).abs().max().item() < 1e-5
-        assert bool(calls) == expect_align, n
 
 
 @pytest.mark.parametrize("align", [fm.moe_align, fm.moe_align_torch], ids=["triton", "torch"])

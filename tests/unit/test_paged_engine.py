@@ -530,26 +530,3 @@ def test_the_norms_folded_into_the_gemvs_in_the_engine(model, monkeypatch, route
     assert {n for n in moe_rows if n is not None} == {1, 2}
     decode_moe_calls = sum(n is not None for n in moe_rows)
     assert sorted(set(rows)) == [1, 2] and len(rows) == (len(layers) - 1) * decode_moe_calls // len(moe_layers) + decode_moe_calls
-
-
-def test_the_moe_scanning_its_pairs_in_the_engine(monkeypatch):
-    """moe_scan_pairs: decode batches past the MoE GEMVs (here 10 sequences) take the grouped fused
-    MoE without the expert sort (Triton interpreter): the reference's greedy tokens, every block back."""
-    from thinktalk.kernels import fused_moe as fm
-    from thinktalk.kernels import gemv
-    from thinktalk.kernels.common import available
-    from thinktalk.kernels.quant_moe_gemv import GEMV_MAX_TOKENS
-
-    if not available("cpu"):
-        pytest.skip("triton is not installed")
-    fresh = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), seed=3)
-    reqs = [_request(_prompt(3 + i, 40 + i), n_new=3) for i in range(GEMV_MAX_TOKENS + 2)]
-    calls, aligned = [], []
-    real, real_align = gemv.fused_moe, fm.moe_align
-    monkeypatch.setattr(gemv, "fused_moe", lambda x, *a, **kw: calls.append((x.shape[0], kw)) or real(x, *a, **kw))
-    monkeypatch.setattr(fm, "moe_align", lambda ids, *a: aligned.append(ids.shape[0]) or real_align(ids, *a))
-    engine = _expect_same(fresh, _paged(moe_kernel="triton", moe_scan_pairs=True, num_kv_blocks=128), reqs)
-    decode_rows = len(reqs)
-    assert (decode_rows, {"scan_pairs": True}) in calls
-    assert decode_rows not in aligned  # the decode steps' pairs were scanned, not sorted
-    assert engine.config.moe_scan_pairs

@@ -8,9 +8,7 @@ How it works (no host synchronisation, so a decode step can be CUDA-graphed):
 1. `moe_align` (three tiny Triton kernels; `moe_align_torch` is the same in torch ops): the N*K
    (token, slot) pairs are sorted by expert and each expert's group is padded to a multiple of BLOCK_M with a sentinel row. The result is a static-size row
    list `sorted_ids` (upper bound N*K + min(E, N*K) * (BLOCK_M - 1)) and one expert id per block of
-   BLOCK_M rows (-1 for the unused tail blocks, whose programs exit at once). With `scan_pairs`
-   and decode-sized batches there is no sort: the grid is (expert, column block) and each program
-   picks its expert's pairs out of the top-k ids itself, BLOCK_M at a time.
+   BLOCK_M rows (-1 for the unused tail blocks, whose programs exit at once).
 2. `_gate_up_kernel`: a grouped GEMM, one program per (row block, column block of I). It gathers
    the block's token rows of `hidden`, multiplies them by the gate *and* the up half of that
    block's expert (two fp32 accumulators sharing the A tile) and writes act(gate) * up: the
@@ -109,11 +107,6 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     expert_ids = torch.searchsorted(ends, block_start, right=True)
     expert_ids = torch.where(block_start < ends[-1], expert_ids, -1).to(torch.int32)
     return sorted_ids, expert_ids
-
-
-# Up to this many (token, slot) pairs (128 sequences at top-8) `fused_moe(scan_pairs=True)` has
-# each expert's programs scan the top-k ids for their rows instead of sorting them first
-SCAN_PAIRS_MAX = 1024
 
 
 # Up to this many (token, slot) pairs (a decode of 1-2 tokens at top-8) each pair gets its own
@@ -216,39 +209,25 @@ if triton is not None:
         tl.store(sorted_ids_ptr + dest, offs, mask=ok)
 
     @triton.jit
-    def _scanned_rows(hit, rank, chunk, num_rows, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Rows chunk*BLOCK_M .. +BLOCK_M of one expert's pairs, in pair order (num_rows past the
-        last): row j is the pair whose rank among the expert's hits is chunk*BLOCK_M + j."""
-        want = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-        pick = hit[None, :] & (rank[None, :] == want[:, None])  # [BLOCK_M, PAIRS], one true a row at most
-        pairs = tl.arange(0, PAIRS)
-        rows = tl.sum(tl.where(pick, pairs[None, :], 0), 1)
-        return tl.where(tl.sum(pick.to(tl.int32), 1) > 0, rows, num_rows)
-
-    @triton.jit
-    def _block_rows(sorted_ids_ptr, pid_m, num_rows, BLOCK_M: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
-        if PAIR_BLOCKS:  # block m is (token, slot) pair m alone; expert_ids are the flat top-k ids
-            return tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)
-        return tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-
-    @triton.jit
-    def _expert_hits(topk_ids_ptr, expert, num_rows, PAIRS: tl.constexpr):
-        """Which of the N*K pairs chose `expert`, each hit's rank among them, and how many."""
-        pairs = tl.arange(0, PAIRS)
-        ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_rows, other=-1)
-        hit = ids == expert
-        count = tl.sum(hit.to(tl.int32), 0)
-        rank = tl.cumsum(hit.to(tl.int32), 0) - 1
-        return hit, rank, count
-
-    @triton.jit
-    def _gate_up_rows(
-        x_ptr, w_ptr, out_ptr, rows, expert, pid_n, num_rows, hidden_size, inter_size,
+    def _gate_up_kernel(
+        x_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_rows, hidden_size, inter_size,
         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """act(x[rows] @ gate[expert].T) * (x[rows] @ up[expert].T) for one block of rows, one column block."""
+        wait_prior(USE_PDL)
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(inter_size, BLOCK_N)
+        pid_m = pid // n_blocks
+        pid_n = pid % n_blocks
+        expert = tl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        if PAIR_BLOCKS:  # block m is (token, slot) pair m alone; expert_ids are the flat top-k ids
+            rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)
+        else:
+            rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = rows < num_rows
         tokens = rows // TOP_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,46 +255,25 @@ if triton is not None:
         tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _gate_up_kernel(
-        x_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr,
+    def _down_kernel(
+        a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
         num_rows, hidden_size, inter_size,
-        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
-        SCAN_PAIRS: tl.constexpr = 0,
-    ):
-        """One program per (row block, column block of I); SCAN_PAIRS > 0: per (expert, column
-        block), expert_ids_ptr the flat top-k ids (SCAN_PAIRS >= N*K, a power of two), the
-        expert's pairs found by scanning them (no moe_align before it)."""
-        wait_prior(USE_PDL)
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(inter_size, BLOCK_N)
-        pid_m = pid // n_blocks
-        pid_n = pid % n_blocks
-        if SCAN_PAIRS:
-            hit, rank, count = _expert_hits(expert_ids_ptr, pid_m, num_rows, SCAN_PAIRS)
-            for chunk in range(0, tl.cdiv(count, BLOCK_M)):
-                rows = _scanned_rows(hit, rank, chunk, num_rows, SCAN_PAIRS, BLOCK_M)
-                _gate_up_rows(x_ptr, w_ptr, out_ptr, rows, pid_m, pid_n, num_rows, hidden_size, inter_size,
-                              stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-        else:
-            expert = tl.load(expert_ids_ptr + pid_m)
-            if expert < 0:
-                return
-            rows = _block_rows(sorted_ids_ptr, pid_m, num_rows, BLOCK_M, PAIR_BLOCKS)
-            _gate_up_rows(x_ptr, w_ptr, out_ptr, rows, expert, pid_n, num_rows, hidden_size, inter_size,
-                          stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-
-    @triton.jit
-    def _down_rows(
-        a_ptr, w_ptr, out_ptr, weights_ptr, rows, expert, pid_n, num_rows, hidden_size, inter_size,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """a[rows] @ down[expert].T scaled by the rows' routing weights, one column block, fp32 out."""
+        wait_prior(USE_PDL)
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(hidden_size, BLOCK_N)
+        pid_m = pid // n_blocks
+        pid_n = pid % n_blocks
+        expert = tl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        if PAIR_BLOCKS:
+            rows = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_rows)
+        else:
+            rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = rows < num_rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hidden_size
@@ -338,36 +296,6 @@ if triton is not None:
         tl.store(o_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _down_kernel(
-        a_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr,
-        num_rows, hidden_size, inter_size,
-        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr, SCAN_PAIRS: tl.constexpr = 0,
-    ):
-        """The gate-up kernel's grid and row choice (SCAN_PAIRS alike) against down_proj."""
-        wait_prior(USE_PDL)
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(hidden_size, BLOCK_N)
-        pid_m = pid // n_blocks
-        pid_n = pid % n_blocks
-        if SCAN_PAIRS:
-            hit, rank, count = _expert_hits(expert_ids_ptr, pid_m, num_rows, SCAN_PAIRS)
-            for chunk in range(0, tl.cdiv(count, BLOCK_M)):
-                rows = _scanned_rows(hit, rank, chunk, num_rows, SCAN_PAIRS, BLOCK_M)
-                _down_rows(a_ptr, w_ptr, out_ptr, weights_ptr, rows, pid_m, pid_n, num_rows, hidden_size, inter_size,
-                           stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-        else:
-            expert = tl.load(expert_ids_ptr + pid_m)
-            if expert < 0:
-                return
-            rows = _block_rows(sorted_ids_ptr, pid_m, num_rows, BLOCK_M, PAIR_BLOCKS)
-            _down_rows(a_ptr, w_ptr, out_ptr, weights_ptr, rows, expert, pid_n, num_rows, hidden_size, inter_size,
-                       stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
-
-    @triton.jit
     def _sum_slots_kernel(src_ptr, out_ptr, hidden_size, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
                           USE_PDL: tl.constexpr):
         wait_prior(USE_PDL)
@@ -388,14 +316,8 @@ def fused_moe(
     topk_ids: torch.Tensor,
     act=F.silu,
     config: dict | None = None,
-    scan_pairs: bool = False,
 ) -> torch.Tensor:
-    """hidden [N, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_* [N, K] -> [N, H].
-
-    scan_pairs: where each expert has few rows (a decode step of up to SCAN_PAIRS_MAX pairs), one
-    program per (expert, column block) finds its expert's pairs by scanning the top-k ids, instead
-    of moe_align sorting them in a kernel before (one kernel a layer fewer, each program doing a
-    [BLOCK_M, N*K] compare-and-sum)."""
+    """hidden [N, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_* [N, K] -> [N, H]."""
     if act is not F.silu or not available(hidden.device):
         return moe_reference(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
     n, hidden_size = hidden.shape
@@ -416,18 +338,12 @@ def fused_moe(
     upcast = dot_in_fp32(hidden.dtype)
     precision = dot_precision(torch.float32 if upcast else hidden.dtype)
     pair_blocks = nk <= PAIR_BLOCKS_MAX
-    scan = 0
     if pair_blocks:  # a block per (token, slot) pair: no sort by expert needed (3 kernels saved)
         expert_ids = topk_ids.reshape(-1)
         sorted_ids = expert_ids  # unused
-        num_m_blocks = nk
-    elif scan_pairs and nk <= SCAN_PAIRS_MAX and nk <= num_experts * bm:  # ~one row block an expert: scan
-        expert_ids = topk_ids.reshape(-1)
-        sorted_ids = expert_ids  # unused
-        scan, num_m_blocks = triton.next_power_of_2(nk), num_experts
     else:
         sorted_ids, expert_ids = moe_align(topk_ids, num_experts, bm)
-        num_m_blocks = expert_ids.numel()
+    num_m_blocks = expert_ids.numel()
 
     inter_act = torch.empty(nk, inter, dtype=hidden.dtype, device=hidden.device)
     grid = (num_m_blocks * triton.cdiv(inter, bn),)
@@ -438,7 +354,7 @@ def fused_moe(
         gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
         inter_act.stride(0), inter_act.stride(1),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, UPCAST=upcast,
-        PAIR_BLOCKS=pair_blocks, SCAN_PAIRS=scan, **launch,
+        PAIR_BLOCKS=pair_blocks, **launch,
     )
 
     out = torch.empty(nk, hidden_size, dtype=torch.float32, device=hidden.device)
@@ -451,7 +367,7 @@ def fused_moe(
         down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn_d, BLOCK_K=bk_d, PRECISION=precision, UPCAST=upcast,
-        PAIR_BLOCKS=pair_blocks, SCAN_PAIRS=scan, **launch_d,
+        PAIR_BLOCKS=pair_blocks, **launch_d,
     )
     summed = torch.empty_like(hidden)
     block = min(1024, triton.next_power_of_2(hidden_size))

@@ -193,9 +193,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def experts(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act=F.silu, scan_pairs: bool = False) -> torch.Tensor:
-    """SparseMoE.experts_fn: `moe_gemv` for up to GEMV_MAX_TOKENS tokens, else fused_moe's grouped
-    GEMM (scan_pairs: its decode-sized batches without the expert sort, `fused_moe`)."""
+def experts(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act=F.silu) -> torch.Tensor:
+    """SparseMoE.experts_fn: `moe_gemv` for up to GEMV_MAX_TOKENS tokens, else fused_moe's grouped GEMM."""
     if hidden.shape[0] <= GEMV_MAX_TOKENS:
         return moe_gemv(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
-    return fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act, scan_pairs=scan_pairs)
+    return fused_moe(hidden, gate_up_proj, down_proj, topk_weights, topk_ids, act)
