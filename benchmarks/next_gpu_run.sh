@@ -3,10 +3,11 @@
 # wheels the GPU machine lacks; see the README's benchmark section):
 #   both -> first the CUDA tests of the decode fusions; stop if they fail (SKIP_TESTS=1: not again)
 #   H200 -> #4's run: the thinker beside transformers (bench_thinker.py), defaults
-#   H100 -> the thinker with and without the two fusions not yet measured (EngineConfig
+#   H100 -> the thinker with each of the two fusions measured slower together in round 9 (EngineConfig
 #           route_in_gate_up: the router's top-k in the gate-up GEMV; merge_in_decode_kernel: paged
-#           attention's split merge in its last program), one stream and 64 streams, same machine
-#           back to back; the fusions' kernel A/B (bench_quant_gemv --norm-ab --attention-merge);
+#           attention's split merge in its last program) against both off, one stream and 64
+#           streams, same machine back to back; the fusions' kernel A/B (bench_quant_gemv
+#           --norm-ab --attention-merge);
 #           the logits check against transformers (defaults)
 # Results land in $OUT; add measured_commit by hand (the JSON's "git" field shows the copy's HEAD).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -28,12 +29,13 @@ if [[ "$RUN" == h200 ]]; then
     --concurrency 8 32 64 128 --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 \
     --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
 else
-  # the two fusions not yet measured, off (the defaults) and on, same machine back to back
-  for f in false true; do
-    timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/fusions_${f}_$TAG.json" --skip-transformers --video-seconds \
-      --concurrency 64 --engine-config '{"max_num_seqs":64,"max_prefill_tokens":4096,"gpu_memory_utilization":0.9,'\
-'"route_in_gate_up":'$f',"merge_in_decode_kernel":'$f'}' 2>&1 | grep -E "rror" | tail -4
-    echo "route_in_gate_up + merge_in_decode_kernel $f done at $(( $(date +%s) - t0 )) s"
+  # the two fusions measured slower together (round 9), each alone, against both off, same machine back to back
+  for c in '"route_in_gate_up":false' '"route_in_gate_up":true' '"merge_in_decode_kernel":true'; do
+    n=$(echo "$c" | tr -d '"' | tr ':' '_')
+    timeout 90 python3 benchmarks/bench_thinker.py --out "$OUT/fusion_${n}_$TAG.json" --skip-transformers --video-seconds \
+      --concurrency 64 --engine-config '{"max_num_seqs":64,"max_prefill_tokens":4096,"gpu_memory_utilization":0.9,'"$c"'}' \
+      2>&1 | grep -E "rror" | tail -4
+    echo "$c done at $(( $(date +%s) - t0 )) s"
   done
   timeout 120 python3 benchmarks/bench_quant_gemv.py --methods --attention-merge --norm-ab --out "$OUT/norm_ab_$TAG.json" \
     2>&1 | grep -E "unfused|moe|qkv|router|paged_attention|rror" | cut -c1-600

@@ -118,7 +118,9 @@ class EngineConfig:
     # logits (norm_gemv.add_norm_moe's route_in_gate_up) instead of a top-k kernel before them; and
     # the paged decode attention's splits merged by each group's last split program (a ticket
     # count, kernels/paged_attention.py) instead of a merge kernel after it. One kernel a layer
-    # fewer each; off until measured on a GPU (benchmarks/next_gpu_run.sh).
+    # fewer each, but both on measured slower (H100, back to back, with a third fusion since
+    # removed: one stream 271 vs 291 tok/s, 64 streams 2,581 vs 2,676; thinker_fusions_*_h100.json);
+    # off, each alone still to measure (benchmarks/next_gpu_run.sh).
     route_in_gate_up: bool = False
     merge_in_decode_kernel: bool = False
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
