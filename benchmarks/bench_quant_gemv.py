@@ -7,7 +7,6 @@ GEMVs (kernels/quant_gemv.py, quant_moe_gemv.py) at the Qwen3-Omni thinker's sha
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-bf16   # bf16 only, + its tile sweep
     python benchmarks/bench_quant_gemv.py --out ... --methods --sweep-norm   # + the norm-folded GEMVs' tiles
     python benchmarks/bench_quant_gemv.py --out ... --methods --norm-ab      # the same at the default tiles only
-    python benchmarks/bench_quant_gemv.py --out ... --methods --attention-merge   # + paged attention's split merge
 
 Cases (M = 1 decode row by default, --rows for more):
   dense  qkv fused (N 4096+512+512, K 2048), q (4096 x 2048), k / v (512 x 2048), o (2048 x 4096),
@@ -451,37 +450,6 @@ def sweep_norm(l2: int, calls: int, gen, quick: bool = False) -> list[dict]:
     return rows
 
 
-def attention_merge_cases(calls: int, gen) -> list[dict]:
-    """Paged decode attention at the thinker's shapes (32 query / 4 kv heads, head dim 128, blocks
-    of 16) with the split count a decode graph fixes (32 at one sequence): its splits merged by a
-    kernel after it, or by each group's last split program (merge_tickets)."""
-    from thinktalk.kernels import paged_attention as pa
-
-    rows = []
-    tickets = pa.merge_tickets(DEVICE)
-    tiny = DEVICE == "cpu"  # --tiny: one small case, 3 splits
-    for batch, context in ((2, 100),) if tiny else ((1, 512), (1, 4096), (8, 1024), (64, 768)):
-        splits = 3 if tiny else pa._num_splits(batch, 4, 32768, 64, torch.device(DEVICE))
-        blocks = batch * (-(-context // 16))
-        kc = torch.randn(blocks + 1, 16, 4, 128, device=DEVICE, generator=gen, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        tables = torch.randperm(blocks, device=DEVICE, generator=gen).int().view(batch, -1)
-        lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
-        qs = [torch.randn(batch, 32, 128, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in range(calls)]
-        exact = pa.paged_attention_reference(qs[0], kc, vc, tables, lens, 128**-0.5).float()
-        for merge in ("kernel", "last split"):
-            t = tickets if merge == "last split" else None
-            got = pa.paged_attention(qs[0], kc, vc, tables, lens, 128**-0.5, num_splits=splits, merge_tickets=t)
-            us = time_graph(lambda i: pa.paged_attention(qs[i], kc, vc, tables, lens, 128**-0.5, num_splits=splits,
-                                                         merge_tickets=t), calls)
-            rows.append({"case": "paged_attention", "batch": batch, "context": context, "splits": splits,
-                         "merge": merge, "us": round(us, 2), "rel_err": rel_err(got, exact),
-                         "tickets_zero": bool(torch.count_nonzero(tickets) == 0)})
-            print(json.dumps(rows[-1]), flush=True)
-        del kc, vc
-    return rows
-
-
 def summary(cases: list[dict]) -> dict:
     """Matmul time of one thinker decode token (M = 1) per method, from the cases: 48 layers of
     qkv (one GEMM / GEMV: the engine's fuse_qkv stacks float and quantized projections alike), o
@@ -524,8 +492,6 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["int4", "int8", "fp8"],
                     help="quantized methods besides bf16 (the flag alone: bf16 only)")
     ap.add_argument("--sweep-bf16", action="store_true", help="also sweep the bf16 GEMV tiles")
-    ap.add_argument("--attention-merge", action="store_true",
-                    help="also time the paged decode attention's split merge: a kernel vs the last split program")
     ap.add_argument("--sweep-norm", action="store_true",
                     help="also sweep the tiles of the GEMVs with the RMSNorm folded in (kernels/norm_gemv.py)")
     ap.add_argument("--norm-ab", action="store_true",
@@ -553,8 +519,6 @@ def main():
             sweep_rows = (sweep_rows or []) + sweep_bf16(l2, args.calls, gen)
         if args.sweep_norm or args.norm_ab:
             sweep_rows = (sweep_rows or []) + sweep_norm(l2, args.calls, gen, quick=not args.sweep_norm)
-        if args.attention_merge:
-            sweep_rows = (sweep_rows or []) + attention_merge_cases(args.calls, gen)
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "device": device_name,

@@ -246,7 +246,14 @@ def main():
     ap.add_argument("--moe-down-tiles", default=None,
                     help="JSON of the fused MoE's decode down tiles (kernels/fused_moe.DECODE_DOWN_TILES), e.g. a "
                          "tune_fused_moe.py --down result tried before it goes into the code")
+    ap.add_argument("--plain-norm-gemv-tiles", action="store_true",
+                    help="the norm-folded GEMVs with the plain GEMV's tiles (kernels/gemv.gemv_config), not "
+                         "norm_gemv_config's own one-row tiles: the A/B of those")
     args = ap.parse_args()
+    if args.plain_norm_gemv_tiles:
+        from thinktalk.kernels import gemv, norm_gemv
+
+        norm_gemv.norm_gemv_config = gemv.gemv_config
     if args.moe_down_tiles:
         from thinktalk.kernels import fused_moe
 

@@ -77,7 +77,7 @@ class StaticDecodeAttention:
     def attend_stored(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the new tokens once their keys and values are in the cache."""
         return self.pool.decode_fn(q, self.pool.k[layer], self.pool.v[layer], self.block_tables, self.context_lens,
-                                   scale, num_splits=self.num_splits, merge_tickets=self.pool.merge_tickets)
+                                   scale, num_splits=self.num_splits)
 
 
 class PagedDecodeBuffers:

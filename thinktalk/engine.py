@@ -115,14 +115,10 @@ class EngineConfig:
     # tok/s, 64 streams unchanged (2,679 vs 2,680; thinker_norm_gemv_pdl_ab_h100.json).
     fuse_norm_gemv: bool = True
     # with fuse_norm_gemv: the MoE's gate-up GEMV programs pick their experts from the router's
-    # logits (norm_gemv.add_norm_moe's route_in_gate_up) instead of a top-k kernel before them; and
-    # the paged decode attention's splits merged by each group's last split program (a ticket
-    # count, kernels/paged_attention.py) instead of a merge kernel after it. One kernel a layer
-    # fewer each, but both on measured slower (H100, back to back, with a third fusion since
-    # removed: one stream 271 vs 291 tok/s, 64 streams 2,581 vs 2,676; thinker_fusions_*_h100.json);
-    # off, each alone still to measure (benchmarks/next_gpu_run.sh).
-    route_in_gate_up: bool = False
-    merge_in_decode_kernel: bool = False
+    # logits (norm_gemv.add_norm_moe's route_in_gate_up) instead of a top-k kernel before them
+    # (one kernel a layer fewer). H100, back to back (thinker_fusion_route_in_gate_up_*_h100.json):
+    # one stream 294.4 vs 291.2 tok/s, 64 streams 2,678 vs 2,676.
+    route_in_gate_up: bool = True
     # decode-only steps through static buffers, replayed as CUDA graphs (decode_graphs.py); None:
     # on CUDA with the paged KV and the Triton kernels. True off CUDA runs the same step eagerly.
     cuda_graphs: bool | None = None
@@ -525,7 +521,6 @@ class Engine:
             self.device, cfg.enable_prefix_caching,
             placeholder_ids=frozenset(t.get(k) for k in ("audio_token_id", "image_token_id", "video_token_id") if t.get(k) is not None),
             decode_attention=cfg.decode_attention, hidden_size=hidden_size, hidden_layer=self.capture_layer,
-            merge_in_decode_kernel=cfg.merge_in_decode_kernel,
         )
 
     def _make_decode_graphs(self) -> DecodeGraphs | None:

@@ -92,12 +92,9 @@ class PagedPool:
         decode_attention: str = "auto",
         hidden_size: int = 0,
         hidden_layer: int | None = None,
-        merge_in_decode_kernel: bool = False,
     ):
         """hidden_size > 0 (with hidden_layer, the captured layer whose states it keeps): hold
-        the side tensor of hidden states described in the module docstring. merge_in_decode_kernel:
-        the Triton decode attention merges its splits in its last program (paged_attention's
-        merge_tickets) rather than in a merge kernel."""
+        the side tensor of hidden states described in the module docstring."""
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.placeholder_ids = frozenset(placeholder_ids)
@@ -115,8 +112,6 @@ class PagedPool:
         if use_triton and not pa.available(device):
             raise RuntimeError("decode_attention='triton' needs CUDA (or TRITON_INTERPRET=1) and triton")
         self.decode_fn = pa.paged_attention if use_triton else pa.paged_attention_reference
-        # the decode kernel's split-merge counts, one buffer for this pool's layers (they run in turn)
-        self.merge_tickets = pa.merge_tickets(device) if use_triton and merge_in_decode_kernel else None
 
     # -- the pool interface -----------------------------------------------------------------------
     def admit(self, req: Request, max_cached: int | None = None, keep_free: int = 0) -> bool:
@@ -264,7 +259,7 @@ class PagedAttention:
             d = self.decode_start
             out[d:] = self.pool.decode_fn(
                 q[d:], k_cache, v_cache, self.block_tables, self.context_lens, scale,
-                max_context_len=self.max_context_len, merge_tickets=self.pool.merge_tickets,
+                max_context_len=self.max_context_len,
             )
         return out
 

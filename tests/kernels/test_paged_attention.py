@@ -70,27 +70,6 @@ def test_paged_decode_kernel_matches_reference(dtype, case):
     assert ref_err <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"b{c[0]}-h{c[1]}/{c[2]}-d{c[3]}-bs{c[4]}")
-def test_splits_merged_by_their_last_program(case):
-    """With merge_tickets the decode kernel's last split of each (sequence, kv head) merges the
-    splits (no merge kernel): the same result as the merge kernel's, every ticket back to zero for
-    the next call; more splits than a short sequence has tiles leaves some empty."""
-    if not pa.available("cpu"):
-        pytest.skip("triton is not installed")
-    batch, hq, hkv, d, bs, lens = case
-    q, kc, vc, tables, ctx = _paged(batch, hq, hkv, d, bs, lens, torch.float32, seed=1)
-    scale = d**-0.5
-    exact = _dense_reference(q, kc, vc, tables, ctx, scale)
-    tickets = pa.merge_tickets("cpu")
-    for splits in (2, 5):
-        merged_by_kernel = pa.paged_attention(q, kc, vc, tables, ctx, scale, num_splits=splits)
-        for _ in range(2):  # the second call reuses the tickets the first left
-            got = pa.paged_attention(q, kc, vc, tables, ctx, scale, num_splits=splits, merge_tickets=tickets)
-            assert torch.count_nonzero(tickets) == 0
-            assert (got.double() - exact).abs().max().item() <= 1e-5
-            assert torch.allclose(got, merged_by_kernel, atol=1e-6, rtol=1e-6)
-
-
 def test_prefill_attention_matches_contiguous_reference():
     g = torch.Generator().manual_seed(1)
     for lq, lk in [(9, 9), (5, 12), (1, 7)]:  # whole context, reused prefix/chunk, one token

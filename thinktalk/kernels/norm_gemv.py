@@ -124,7 +124,15 @@ if triton is not None:
 
 
 def norm_gemv_config(m: int, n: int, k: int, elem_bytes: int = 2) -> dict:
-    """Tiles of `_add_norm_gemv_kernel`: the plain GEMV's (gemv.gemv_config)."""
+    """Tiles of `_add_norm_gemv_kernel`. One decode row: from `bench_quant_gemv.py --sweep-norm` on
+    an H100 (sweep_norm_h100.json), µs against the plain GEMV's tiles: the router (128 x 2048) one
+    row a program, 1,024 bytes of it a step, one warp, 8 steps in flight, 3.08 vs 4.59; q/k/v
+    (5120 x 2048) 8 rows a program, 9.73 vs 10.30. More rows: the plain GEMV's (gemv.gemv_config)."""
+    if m == 1 and elem_bytes == 2 and k % 512 == 0:
+        if n <= 256:
+            return dict(BLOCK_N=1, BLOCK_K=512, SPLIT_K=1, num_warps=1, num_stages=8)
+        if n >= 4096:
+            return dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=1, num_warps=2, num_stages=4)
     return gemv_config(m, n, k, elem_bytes)
 
 
@@ -249,8 +257,8 @@ def add_norm_moe(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Ten
     no shared expert, x [N, H] of up to GEMV_MAX_TOKENS tokens; None where that does not hold (or
     the kernels do not run here): the caller then runs the norm and the MoE itself. config: the
     gate-up and down tiles (norm_moe_config's keys; benchmarks sweep them). route_in_gate_up: the
-    gate-up programs pick their experts from the logits; else (the default until it is measured on
-    a GPU) the router's softmax + top-k kernel runs between the router and the gate-up GEMVs."""
+    gate-up programs pick their experts from the logits (the engine's default: EngineConfig); else
+    the router's softmax + top-k kernel runs between the router and the gate-up GEMVs."""
     experts = moe.experts
     gate_up, down = experts.gate_up_proj, experts.down_proj
     router = moe.gate.weight

@@ -9,10 +9,8 @@ per (sequence, kv head, split). The program loads each key/value tile once and s
 all the query heads of its GQA group at once (the group, 8 heads for Qwen3-Omni's 32/4, is padded
 to 16 rows for `tl.dot`), with an online softmax in fp32. For few sequences with long contexts the
 context is split across programs (flash-decoding); the partial outputs and their log-sum-exps are
-merged by a softmax-weighted sum: by the last of a group's split programs to finish, which it
-learns from a ticket count (`merge_tickets`), else by a merge kernel after it. Shapes depend only
-on the batch, so a decode step can be CUDA-graphed: splits whose range is empty write a -inf
-log-sum-exp and drop out of the merge.
+merged by a softmax-weighted sum in torch. Shapes depend only on the batch, so a decode step can be
+CUDA-graphed: splits whose range is empty write a -inf log-sum-exp and drop out of the merge.
 `paged_attention_reference` is the same function in plain torch (gather the context, SDPA), used
 on CPU and as the test oracle.
 
@@ -38,7 +36,7 @@ from .common import available, dot_in_fp32, dot_precision, pdl_args, triton, wai
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["paged_attention", "paged_attention_reference", "prefill_attention", "available", "merge_tickets"]
+__all__ = ["paged_attention", "paged_attention_reference", "prefill_attention", "available"]
 
 
 # -- prefill ------------------------------------------------------------------------------------
@@ -72,7 +70,6 @@ def paged_attention_reference(
     *,
     max_context_len: int | None = None,
     num_splits: int | None = None,
-    merge_tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]: one query per sequence, at position context_lens[b] - 1 (its own key is in the
     cache). k/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int;
@@ -90,7 +87,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, tickets_ptr, merged_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
         qk_scale,  # softmax scale * log2(e)
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
@@ -98,10 +95,9 @@ if triton is not None:
         stride_tb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
-        stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, USE_PDL: tl.constexpr, MERGE: tl.constexpr = False,
+        UPCAST: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         wait_prior_next_first(USE_PDL)
         seq = tl.program_id(0)
@@ -156,39 +152,7 @@ if triton is not None:
         if NUM_SPLITS > 1:
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
             tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
-            if MERGE:
-                # the last of the (seq, kv head)'s splits to finish merges them (no merge kernel):
-                # the barrier orders every thread's stores above before the ticket's release
-                tl.debug_barrier()
-                ticket_ptr = tickets_ptr + seq * tl.num_programs(1) + kv_head
-                if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                    tl.store(ticket_ptr, 0)  # back to zero for the next launch; no split touches it now
-                    _merge_group(out_ptr, lse_ptr, merged_ptr, seq, heads, g_ok, offs_d, d_ok, stride_ob, stride_oh,
-                                 stride_os, stride_lb, stride_lh, stride_mb, stride_mh, NUM_SPLITS, GROUP_PAD, D_PAD)
 
-
-    @triton.jit
-    def _merge_group(partial_ptr, lse_ptr, out_ptr, seq, heads, g_ok, offs_d, d_ok, stride_pb, stride_ph, stride_ps,
-                     stride_lb, stride_lh, stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr,
-                     D_PAD: tl.constexpr):
-        """out[seq, heads] = sum_s softmax(lse[seq, heads, :])[s] * partial[seq, heads, s] for one
-        GQA group, after its splits' programs have all stored (lse in log2 units). The loads skip
-        L1 (.cg): the data were written by other SMs."""
-        l_ptrs = lse_ptr + seq * stride_lb + heads * stride_lh
-        top = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-        for s in range(NUM_SPLITS):
-            top = tl.maximum(top, tl.load(l_ptrs + s, mask=g_ok, other=0.0, cache_modifier=".cg"))
-        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-        acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)
-        p_ptrs = partial_ptr + seq * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
-        for s in range(NUM_SPLITS):
-            w = tl.exp2(tl.load(l_ptrs + s, mask=g_ok, other=0.0, cache_modifier=".cg") - top)  # empty split: 0
-            part = tl.load(p_ptrs + s * stride_ps, mask=g_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-            total += w
-            acc += w[:, None] * part
-        out = acc / tl.where(g_ok, total, 1.0)[:, None]
-        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
@@ -219,17 +183,6 @@ def _num_splits(batch: int, kv_heads: int, max_context_len: int | None, block_n:
     return max(1, min(want, tiles // 4, 32))  # each split keeps >= 4 tiles of work
 
 
-# A (sequence, kv head)'s split programs count their finished splits here (one int32 each, back to
-# zero after the merge): whoever runs the decode kernels keeps one such buffer per model (the
-# kernels of one model run one after another; two models on two streams would share counts).
-MERGE_TICKETS = 8192
-
-
-def merge_tickets(device) -> torch.Tensor:
-    """A zeroed ticket buffer for `paged_attention(..., merge_tickets=)` (allocate it outside CUDA-graph capture)."""
-    return torch.zeros(MERGE_TICKETS, dtype=torch.int32, device=device)
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -240,14 +193,11 @@ def paged_attention(
     *,
     max_context_len: int | None = None,
     num_splits: int | None = None,
-    merge_tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_attention_reference` (same arguments, same result).
 
     max_context_len: a host-side bound used only to choose the split count; num_splits forces it
-    (fix it when capturing a CUDA graph). merge_tickets (`merge_tickets(device)`): the last split
-    of each (sequence, kv head) merges the splits in the decode kernel, instead of a merge kernel
-    after it; None: the merge kernel."""
+    (fix it when capturing a CUDA graph)."""
     if not available(q.device):
         return paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
     batch, num_heads, head_dim = q.shape
@@ -257,9 +207,8 @@ def paged_attention(
     splits = num_splits or _num_splits(batch, kv_heads, max_context_len, block_n, q.device)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("paged_attention needs the head dimension contiguous")
-    out = torch.empty_like(q)
-    fold_merge = splits > 1 and merge_tickets is not None and batch * kv_heads <= merge_tickets.numel()
     if splits == 1:
+        out = torch.empty_like(q)
         partial, lse = out[:, :, None, :], out  # lse unused
         strides_o = (out.stride(0), out.stride(1), 0)
         strides_l = (0, 0)
@@ -272,23 +221,23 @@ def paged_attention(
     precision = dot_precision(torch.float32 if upcast else q.dtype)
     grid = (batch, kv_heads, splits)
     pdl = pdl_args(q.device)
-    d_pad = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 compiled (the interpreter does not check)
     _paged_decode_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        merge_tickets if fold_merge else context_lens, out,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        *strides_o, *strides_l, out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast,
-        MERGE=fold_merge, num_warps=4, num_stages=2, **pdl,
+        *strides_o, *strides_l,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        # tl.dot needs K >= 16 when compiled (the interpreter does not check): small test heads are padded
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=splits, PRECISION=precision, UPCAST=upcast, num_warps=4, num_stages=2, **pdl,
     )
-    if splits == 1 or fold_merge:
+    if splits == 1:
         return out
     # the splits' partial outputs weighted by their share of the softmax mass, in one kernel
+    out = torch.empty_like(q)
     _merge_splits_kernel[(batch, num_heads)](
         partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits),
