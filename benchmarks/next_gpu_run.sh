@@ -16,7 +16,7 @@ t0=$(date +%s)
 # the decode fusions' CUDA tests first: no figure is taken from kernels that fail them
 [[ -n "$SKIP_TESTS" ]] || timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py \
   > /tmp/cuda_tests.log 2>&1; rc=$?
-grep -E "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14
+grep -sE "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14  # -s: none with SKIP_TESTS
 echo "cuda tests (rc $rc) done at $(( $(date +%s) - t0 )) s"
 if [[ $rc -ne 0 ]]; then tail -40 /tmp/cuda_tests.log; exit 1; fi
 # RUN=ab forces the fusions' A/B (e.g. on an H200 after #4's run); RUN=h200 forces #4's run

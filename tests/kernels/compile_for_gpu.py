@@ -111,8 +111,10 @@ def _compile(index: int) -> dict | None:
 def main(report: Path, test_files: list[str]) -> None:
     # import every kernel module now, in compiled mode (the test files set TRITON_INTERPRET=1 when
     # they are imported; @triton.jit reads it when a kernel is defined)
+    defined = set()  # the launched kernels (`*_kernel`; the other @triton.jit functions are helpers they inline)
     for info in pkgutil.iter_modules(thinktalk.kernels.__path__):
-        importlib.import_module(f"thinktalk.kernels.{info.name}")
+        module = importlib.import_module(f"thinktalk.kernels.{info.name}")
+        defined |= {k for k, v in vars(module).items() if isinstance(v, JITFunction) and k.endswith("_kernel")}
     from thinktalk.kernels import common
 
     real, always = common.available, (lambda device: True)
@@ -142,6 +144,7 @@ def main(report: Path, test_files: list[str]) -> None:
                 failures.append(failure)
     kernels = sorted({fn.__name__ for fn, *_ in launches})
     result = {"target": "sm90", "launches": len(launches), "distinct": len(distinct), "kernels": kernels,
+              "defined_kernels": sorted(defined),
               "failures": failures, "tests_s": round(recorded, 1), "total_s": round(time.perf_counter() - t0, 1)}
     report.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}), f"{len(failures)} failures")

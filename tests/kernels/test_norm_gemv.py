@@ -114,8 +114,8 @@ def _moe(dtype, seed, shared=0):
 @pytest.mark.parametrize("route_in_gate_up", [True, False])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_norm_in_the_moe_matches_the_unfused_reference_fp32(tokens, route_in_gate_up):
-    """The routing picked by the router's own top-k kernel first (the default), or by each gate-up
-    program from the logits (route_in_gate_up): the unfused reference's result either way."""
+    """The routing picked by each gate-up program from the logits (route_in_gate_up, the engine's
+    default), or by the router's own top-k kernel first: the unfused reference's result either way."""
     moe = _moe(torch.float32, tokens)
     x, residual, norm_weight, _ = _inputs(tokens, 8, 64, torch.float32, 100 + tokens)
     got = ng.add_norm_moe(x, residual, norm_weight, EPS, moe, route_in_gate_up=route_in_gate_up)

@@ -9,8 +9,9 @@ per (sequence, kv head, split). The program loads each key/value tile once and s
 all the query heads of its GQA group at once (the group, 8 heads for Qwen3-Omni's 32/4, is padded
 to 16 rows for `tl.dot`), with an online softmax in fp32. For few sequences with long contexts the
 context is split across programs (flash-decoding); the partial outputs and their log-sum-exps are
-merged by a softmax-weighted sum in torch. Shapes depend only on the batch, so a decode step can be
-CUDA-graphed: splits whose range is empty write a -inf log-sum-exp and drop out of the merge.
+merged by a softmax-weighted sum in a merge kernel after it. Shapes depend only on the batch, so a
+decode step can be CUDA-graphed: splits whose range is empty write a -inf log-sum-exp and drop out
+of the merge.
 `paged_attention_reference` is the same function in plain torch (gather the context, SDPA), used
 on CPU and as the test oracle.
 
