@@ -1,6 +1,7 @@
 """Where thinker time goes: torch profiler over decode steps (and a prefill) of the full-size thinker.
 
     python benchmarks/profile_decode.py --out benchmarks/results/profile_decode_h200.txt [--batch 1 64] [--prefill 512]
+        [--prompt-len 128]
 
 For each decode batch size: wall ms per step, GPU kernels by time per step (with calls per step),
 host ops by CPU time. --prefill N adds one N-token text prefill (TTFT's GPU side) the same way.
@@ -55,13 +56,15 @@ def main():
     ap.add_argument("--engine-config", default='{"kv_backend": "paged", "moe_kernel": "triton"}')
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--prefill", type=int, nargs="*", default=[512])
+    ap.add_argument("--prompt-len", type=int, default=128,
+                    help="prompt tokens of each decoding sequence (bench_thinker's aggregate decode: 512)")
     args = ap.parse_args()
     model = randomize_(build_model(reference_config(), "cuda", torch.bfloat16, with_talker=False), 0)
     t0 = time.perf_counter()
     engine = Engine(model, eos_token_ids=[], config=EngineConfig(**json.loads(args.engine_config)))
     lines = [f"engine start-up (KV sizing, kernel warm-up, CUDA graph capture): {time.perf_counter() - t0:.1f} s"]
     for batch in args.batch:
-        reqs = [text_request(128, 64, seed=i) for i in range(batch)]
+        reqs = [text_request(args.prompt_len, 64, seed=i) for i in range(batch)]
         for r in reqs:
             engine.add_request(r)
         for _ in range(8):  # prefill and warm-up decodes
@@ -76,7 +79,7 @@ def main():
             engine.abort(r.request_id)
         while engine.has_work():  # an overlapped step may still be in flight: land it
             engine.step()
-        lines.append(f"=== batch {batch}: {step_ms:.2f} ms per decode step (wall, 10 steps); its CUDA graph "
+        lines.append(f"=== batch {batch} ({args.prompt_len}-token prompts): {step_ms:.2f} ms per decode step (wall, 10 steps); its CUDA graph "
                      f"replayed back to back: {replay_ms:.2f} ms (the rest is host time between steps)")
         lines += kernel_table(prof, 5)
         lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
