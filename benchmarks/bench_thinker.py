@@ -243,9 +243,10 @@ def main():
     ap.add_argument("--hf-decode-len", type=int, default=32)
     ap.add_argument("--hf-concurrency", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--quantization", default=None, help="quantize thinktalk's weights after building: fp8 | int8 | int4 ...")
-    ap.add_argument("--moe-down-tiles", default=None,
-                    help="JSON of the fused MoE's decode down tiles (kernels/fused_moe.DECODE_DOWN_TILES), e.g. a "
-                         "tune_fused_moe.py --down result tried before it goes into the code")
+    ap.add_argument("--moe-decode-tiles", default=None,
+                    help="JSON of the fused MoE's decode-regime tiles (kernels/fused_moe.DECODE_TILES: gate_up's "
+                         "BLOCK_N, BLOCK_K, num_warps, num_stages, the down's *_D), e.g. a tune_fused_moe.py --wide "
+                         "or --down result tried in the engine before it goes into the code")
     ap.add_argument("--plain-norm-gemv-tiles", action="store_true",
                     help="the norm-folded GEMVs with the plain GEMV's tiles (kernels/gemv.gemv_config), not "
                          "norm_gemv_config's own one-row tiles: the A/B of those")
@@ -254,10 +255,10 @@ def main():
         from thinktalk.kernels import gemv, norm_gemv
 
         norm_gemv.norm_gemv_config = gemv.gemv_config
-    if args.moe_down_tiles:
+    if args.moe_decode_tiles:
         from thinktalk.kernels import fused_moe
 
-        fused_moe.DECODE_DOWN_TILES.update(json.loads(args.moe_down_tiles))
+        fused_moe.DECODE_TILES.update(json.loads(args.moe_decode_tiles))
     result = {
         "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(),

@@ -4,7 +4,11 @@
 #   both -> first the CUDA tests of the decode fusions; stop if they fail (SKIP_TESTS=1: not again)
 #   H200 -> #4's run: the thinker beside transformers (bench_thinker.py), defaults; then, as time
 #           allows, the decode profile at bench_thinker's context (512-token prompts, 1 and 64
-#           sequences: where the time goes for a target not met) and the fp8 thinker at 64 streams
+#           sequences: where the time goes for a target not met)
+#   RUN=h200b (the next call, on the same warm H200; no tests) -> the fp8 thinker at 64 streams;
+#           the fused MoE's decode tiles swept wider at 64 tokens (tune_fused_moe.py --wide) and,
+#           if the best beats the default by 2%, the engine at 64 streams with it and without,
+#           back to back
 #   H100 -> bf16 and fp8 thinker at 1 and 64 streams back to back (what 64 streams gain from
 #           reading half the expert bytes), then the decode profile at 512-token prompts
 # Results land in $OUT; add measured_commit by hand (the JSON's "git" field shows the copy's HEAD).
@@ -14,7 +18,7 @@ export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 t0=$(date +%s)
 # the decode fusions' CUDA tests first: no figure is taken from kernels that fail them
-[[ -n "$SKIP_TESTS" ]] || timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py \
+[[ -n "$SKIP_TESTS" || "$RUN" == h200b ]] || timeout 150 python3 -m pytest -q -s -x tests/kernels/test_norm_gemv_cuda.py \
   > /tmp/cuda_tests.log 2>&1; rc=$?
 grep -sE "passed|failed|rror|tokens=|lens=|moe" /tmp/cuda_tests.log | tail -14  # -s: none with SKIP_TESTS
 echo "cuda tests (rc $rc) done at $(( $(date +%s) - t0 )) s"
@@ -42,7 +46,29 @@ if [[ "$RUN" == h200 ]]; then
     --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
   echo "bench_thinker done at $(( $(date +%s) - t0 )) s"
   profile
+elif [[ "$RUN" == h200b ]]; then
   fp8_64
+  timeout 200 python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_fused_moe_wide_$TAG.json" --wide --tokens 64 \
+    2>&1 | grep -E "default|rror" | cut -c1-400
+  echo "tune done at $(( $(date +%s) - t0 )) s"
+  TILES=$(python3 - "$OUT/tune_fused_moe_wide_$TAG.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["tokens"]["64"]
+best = r["best"][0]
+if best["us"] < 0.98 * r["default"]["us"]:  # a gain worth the engine's A/B
+    print(json.dumps({k: v for k, v in best["config"].items() if k != "BLOCK_M"}))
+PY
+  )
+  echo "tiles to try: ${TILES:-none}"
+  if [[ -n "$TILES" ]]; then
+    for tiles in "$TILES" ""; do
+      [[ $(left) -gt 80 ]] || break
+      timeout $(( $(left) - 5 )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_moe_tiles${tiles:+_wide}_$TAG.json" \
+        --skip-transformers --video-seconds --concurrency 64 --engine-config "$ENGINE64" \
+        ${tiles:+--moe-decode-tiles "$tiles"} 2>&1 | grep -E "rror|tok_s" | tail -4
+      echo "tiles ${tiles:-default} done at $(( $(date +%s) - t0 )) s"
+    done
+  fi
 else
   timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/thinker_bf16_64_$TAG.json" --skip-transformers \
     --video-seconds --concurrency 64 --engine-config "$ENGINE64" 2>&1 | grep -E "rror|tok_s" | tail -4

@@ -1,12 +1,15 @@
 """Tile sizes of the fused MoE kernel for the Qwen3-Omni thinker's shapes, measured on the GPU.
 
-    python benchmarks/tune_fused_moe.py --out benchmarks/results/tune_fused_moe_h200.json [--down]
+    python benchmarks/tune_fused_moe.py --out benchmarks/results/tune_fused_moe_h200.json [--down | --wide]
 
 For each token count (decode batches of 1, 8, 64, and a 512-token prefill chunk) every config is
 timed as a CUDA graph of 20 calls (the engine replays decode steps as graphs, so launch overhead is
 not what is being measured). `kernels/fused_moe._pick_config` takes its table from the result.
 --down keeps the chosen gate_up tiles and sweeps the down projection's own (BLOCK_N_D, BLOCK_K_D,
-num_warps_d, num_stages_d): its K (= I = 768) is a few steps of the K loop.
+num_warps_d, num_stages_d): its K (= I = 768) is a few steps of the K loop. --wide sweeps the
+decode regime's gate_up tiles (16-row blocks) further: 256-column K steps, 8 warps, up to 6 stages
+in flight, where the shared memory holds them; `bench_thinker.py --moe-decode-tiles` tries the best
+in the engine.
 """
 
 from __future__ import annotations
@@ -46,11 +49,27 @@ def time_graph(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / (5 * reps) * 1000  # us per call
 
 
+# Shared memory a program may fill with its pipelined tiles (an H100/H200 SM has 228 KiB)
+SMEM_BUDGET = 220 << 10
+
+
+def wide_decode_configs() -> list[dict]:
+    """gate_up tiles of 16-row blocks whose stages fit the shared memory: per stage a 16 x BLOCK_K
+    slice of the tokens and a BLOCK_K x BLOCK_N slice of the gate and of the up half (bf16)."""
+    out = []
+    for bn, bk, warps, stages in itertools.product([32, 64, 128], [128, 256], [4, 8], [3, 4, 5, 6]):
+        stage_bytes = (16 * bk + 2 * bk * bn) * 2
+        if (stages - 1) * stage_bytes <= SMEM_BUDGET:
+            out.append(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512])
     ap.add_argument("--down", action="store_true", help="sweep the down projection's tiles only")
+    ap.add_argument("--wide", action="store_true", help="sweep the decode regime's gate_up tiles wider (BLOCK_M 16)")
     args = ap.parse_args()
     experts, hidden, inter, top_k = 128, 2048, 768, 8
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,6 +92,8 @@ def main():
             base = _pick_config(n * top_k, experts, hidden, inter)
             candidates = [{**base, "BLOCK_N_D": bn, "BLOCK_K_D": bk, "num_warps_d": w, "num_stages_d": st}
                           for bn, bk, w, st in itertools.product([64, 128], [64, 128, 256], [4, 8], [2, 3, 4])]
+        elif args.wide:
+            candidates = wide_decode_configs()
         else:
             candidates = [c for c in configs if c["BLOCK_M"] <= max(16, 4 * n * top_k // experts * 2)]
         for cfg in [None] + candidates:

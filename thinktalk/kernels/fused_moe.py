@@ -114,9 +114,11 @@ def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 PAIR_BLOCKS_MAX = 16
 
 
-# The down projection's own tiles in the decode regime (a few rows per expert), where they differ
-# from gate_up's: keys BLOCK_N_D, BLOCK_K_D, num_warps_d, num_stages_d (tune_fused_moe.py --down).
-DECODE_DOWN_TILES: dict = {}
+# Overrides of the decode regime's tiles (a few rows per expert): gate_up's (BLOCK_N, BLOCK_K,
+# num_warps, num_stages) and the down projection's own where they differ (BLOCK_N_D, BLOCK_K_D,
+# num_warps_d, num_stages_d); empty = the table below. Benchmarks set it to try a tuner's result
+# (tune_fused_moe.py --wide / --down, bench_thinker.py --moe-decode-tiles) before it goes into the code.
+DECODE_TILES: dict = {}
 
 
 def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
@@ -127,8 +129,8 @@ def _pick_config(nk: int, num_experts: int, hidden: int, inter: int) -> dict:
     if nk <= PAIR_BLOCKS_MAX:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows_per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4 if rows_per_expert > 2 else 3,
-                    **DECODE_DOWN_TILES)
+        return {**dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4 if rows_per_expert > 2 else 3),
+                **DECODE_TILES}
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
