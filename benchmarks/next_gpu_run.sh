@@ -8,7 +8,7 @@
 #   RUN=h200b (the next call, on the same warm H200; no tests) -> the fp8 thinker at 64 streams;
 #           the fused MoE's decode tiles swept wider at 64 tokens (tune_fused_moe.py --wide) and,
 #           if the best beats the default by 2%, the engine at 64 streams with it and without,
-#           back to back
+#           back to back; the expert sort's one-program tiles (tune_fused_moe.py --align)
 #   H100 -> bf16 and fp8 thinker at 1 and 64 streams back to back (what 64 streams gain from
 #           reading half the expert bytes), then the decode profile at 512-token prompts
 # Results land in $OUT; add measured_commit by hand (the JSON's "git" field shows the copy's HEAD).
@@ -51,6 +51,8 @@ elif [[ "$RUN" == h200b ]]; then
   timeout 200 python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_fused_moe_wide_$TAG.json" --wide --tokens 64 \
     2>&1 | grep -E "default|rror" | cut -c1-400
   echo "tune done at $(( $(date +%s) - t0 )) s"
+  timeout 100 python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_moe_align_$TAG.json" --align --tokens 64 128 \
+    2>&1 | grep -E "^align|rror" | cut -c1-400
   TILES=$(python3 - "$OUT/tune_fused_moe_wide_$TAG.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["tokens"]["64"]

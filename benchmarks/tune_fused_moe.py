@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from thinktalk.kernels import fused_moe as fused_moe_module  # noqa: E402
 from thinktalk.kernels.fused_moe import _pick_config, fused_moe  # noqa: E402
 from thinktalk.layers.moe import route  # noqa: E402
 
@@ -64,12 +65,37 @@ def wide_decode_configs() -> list[dict]:
     return out
 
 
+def sweep_align(tokens: list[int], router, hidden: int, top_k: int, g) -> dict:
+    """µs of moe_align's one program (fused_moe.ALIGN_ONE_PROGRAM_TILES) per token count and tiles."""
+    out = {}
+    default = dict(fused_moe_module.ALIGN_ONE_PROGRAM_TILES)
+    for n in tokens:
+        x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        _, ids = route(x, router, top_k, True)
+        rows = []
+        for blocks, warps in itertools.product([16, 32, 64], [1, 2, 4, 8, 16]):
+            fused_moe_module.ALIGN_ONE_PROGRAM_TILES = dict(default, BLOCKS=blocks, num_warps=warps)
+            try:
+                us = time_graph(lambda: fused_moe_module.moe_align(ids, router.shape[0], 16))
+            except Exception as exc:
+                rows.append({"tiles": fused_moe_module.ALIGN_ONE_PROGRAM_TILES, "error": str(exc)[:120]})
+                continue
+            rows.append({"tiles": fused_moe_module.ALIGN_ONE_PROGRAM_TILES, "us": us,
+                         "default": fused_moe_module.ALIGN_ONE_PROGRAM_TILES == default})
+        fused_moe_module.ALIGN_ONE_PROGRAM_TILES = default
+        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+        out[str(n)] = {"default": next((r for r in rows if r.get("default")), None), "best": ok[:5]}
+        print("align", n, "default", out[str(n)]["default"], "best", ok[0], flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512])
     ap.add_argument("--down", action="store_true", help="sweep the down projection's tiles only")
     ap.add_argument("--wide", action="store_true", help="sweep the decode regime's gate_up tiles wider (BLOCK_M 16)")
+    ap.add_argument("--align", action="store_true", help="time the one-program expert sort's tiles instead")
     args = ap.parse_args()
     experts, hidden, inter, top_k = 128, 2048, 768, 8
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -83,6 +109,11 @@ def main():
     ]
     result = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": dict(experts=experts, hidden=hidden, inter=inter, top_k=top_k), "tokens": {}}
+    if args.align:
+        result["align"] = sweep_align(args.tokens, router, hidden, top_k, g)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     for n in args.tokens:
         x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
         w, ids = route(x, router, top_k, True)

@@ -67,8 +67,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     if nk <= ALIGN_ONE_PROGRAM:
         _align_one_program_kernel[(1,)](
             ids, cursor, expert_ids, sorted_ids, nk, num_blocks,
-            NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(nk), BLOCKS=32,
-            ROWS=1024, **pdl,
+            NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m, PAIRS=triton.next_power_of_2(nk),
+            **ALIGN_ONE_PROGRAM_TILES, **pdl,
         )
         return sorted_ids, expert_ids
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
@@ -85,6 +85,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 # Pairs up to which moe_align is one program (one CTA holds them all in registers)
 ALIGN_ONE_PROGRAM = 1024
+# That program's tiles: block experts found BLOCKS at a time, padding rows written ROWS at a time,
+# by num_warps warps (tune_fused_moe.py --align times them)
+ALIGN_ONE_PROGRAM_TILES = dict(BLOCKS=32, ROWS=1024, num_warps=4)
 
 
 def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
