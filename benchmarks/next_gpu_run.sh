@@ -10,7 +10,8 @@
 #           if the best beats the default by 2%, the engine at 64 streams with it and without,
 #           back to back; the expert sort's one-program tiles (tune_fused_moe.py --align)
 #   H100 -> bf16 and fp8 thinker at 1 and 64 streams back to back (what 64 streams gain from
-#           reading half the expert bytes), then the decode profile at 512-token prompts
+#           reading half the expert bytes), then the decode profile at 512-token prompts and the
+#           expert sort's tiles (tune_fused_moe.py --align)
 # Results land in $OUT; add measured_commit by hand (the JSON's "git" field shows the copy's HEAD).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl .whl-rt/*.whl >/dev/null 2>&1
@@ -77,5 +78,7 @@ else
   echo "bf16 done at $(( $(date +%s) - t0 )) s"
   fp8_64
   profile
+  [[ $(left) -gt 60 ]] && timeout $(( $(left) - 5 )) python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_moe_align_$TAG.json" \
+    --align --tokens 64 128 2>&1 | grep -E "^align|rror" | cut -c1-400
 fi
 echo "total $(( $(date +%s) - t0 )) s"
