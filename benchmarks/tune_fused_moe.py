@@ -66,23 +66,24 @@ def wide_decode_configs() -> list[dict]:
 
 
 def sweep_align(tokens: list[int], router, hidden: int, top_k: int, g) -> dict:
-    """µs of moe_align's one program (fused_moe.ALIGN_ONE_PROGRAM_TILES) per token count and tiles."""
+    """µs of moe_align's one program per token count and tiles (fused_moe.ALIGN_ONE_PROGRAM_TILES)."""
     out = {}
-    default = dict(fused_moe_module.ALIGN_ONE_PROGRAM_TILES)
+    table = dict(fused_moe_module.ALIGN_ONE_PROGRAM_TILES)
     for n in tokens:
         x = torch.randn(n, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
         _, ids = route(x, router, top_k, True)
+        default = fused_moe_module.align_one_program_tiles(n * top_k)
         rows = []
         for blocks, warps in itertools.product([16, 32, 64], [1, 2, 4, 8, 16]):
-            fused_moe_module.ALIGN_ONE_PROGRAM_TILES = dict(default, BLOCKS=blocks, num_warps=warps)
+            tiles = dict(default, BLOCKS=blocks, num_warps=warps)
+            fused_moe_module.ALIGN_ONE_PROGRAM_TILES = {fused_moe_module.ALIGN_ONE_PROGRAM: tiles}
             try:
                 us = time_graph(lambda: fused_moe_module.moe_align(ids, router.shape[0], 16))
             except Exception as exc:
-                rows.append({"tiles": fused_moe_module.ALIGN_ONE_PROGRAM_TILES, "error": str(exc)[:120]})
+                rows.append({"tiles": tiles, "error": str(exc)[:120]})
                 continue
-            rows.append({"tiles": fused_moe_module.ALIGN_ONE_PROGRAM_TILES, "us": us,
-                         "default": fused_moe_module.ALIGN_ONE_PROGRAM_TILES == default})
-        fused_moe_module.ALIGN_ONE_PROGRAM_TILES = default
+            rows.append({"tiles": tiles, "us": us, "default": tiles == default})
+        fused_moe_module.ALIGN_ONE_PROGRAM_TILES = table
         ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
         out[str(n)] = {"default": next((r for r in rows if r.get("default")), None), "best": ok[:5]}
         print("align", n, "default", out[str(n)]["default"], "best", ok[0], flush=True)

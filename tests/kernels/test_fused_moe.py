@@ -95,16 +95,23 @@ def test_triton_align_equals_torch_align(n, experts, top_k, block_m):
     assert torch.equal(got_rows.view(-1, block_m).sort(1).values, ref_rows.view(-1, block_m).sort(1).values)
 
 
-@pytest.mark.parametrize("blocks,warps", [(16, 1), (64, 8)])
-def test_one_program_align_with_other_tiles(monkeypatch, blocks, warps):
+@pytest.mark.parametrize("n,blocks,warps", [(64, 16, 1), (64, 64, 8), (100, 32, 4)])
+def test_one_program_align_with_other_tiles(monkeypatch, n, blocks, warps):
     """The tiles tune_fused_moe.py --align sweeps give the same sort (BLOCKS changes the block loop)."""
-    monkeypatch.setattr(fm, "ALIGN_ONE_PROGRAM_TILES", dict(fm.ALIGN_ONE_PROGRAM_TILES, BLOCKS=blocks, num_warps=warps))
+    tiles = dict(BLOCKS=blocks, ROWS=1024, num_warps=warps)
+    monkeypatch.setattr(fm, "ALIGN_ONE_PROGRAM_TILES", {fm.ALIGN_ONE_PROGRAM: tiles})
     g = torch.Generator().manual_seed(7)
-    ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(64)])
+    ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(n)])
     got_rows, got_experts = fm.moe_align(ids, 128, 16)
     ref_rows, ref_experts = fm.moe_align_torch(ids, 128, 16)
     assert torch.equal(got_experts, ref_experts)
     assert torch.equal(got_rows.view(-1, 16).sort(1).values, ref_rows.view(-1, 16).sort(1).values)
+
+
+def test_one_program_align_tiles_by_pairs():
+    assert fm.align_one_program_tiles(8)["BLOCKS"] == 32 and fm.align_one_program_tiles(512)["num_warps"] == 4
+    assert fm.align_one_program_tiles(513)["num_warps"] == 16
+    assert fm.align_one_program_tiles(fm.ALIGN_ONE_PROGRAM)["BLOCKS"] == 64
 
 
 def test_sparse_moe_swaps_in_fused_kernel():
