@@ -112,6 +112,8 @@ def test_one_program_align_tiles_by_pairs():
     assert fm.align_one_program_tiles(8)["BLOCKS"] == 32 and fm.align_one_program_tiles(512)["num_warps"] == 4
     assert fm.align_one_program_tiles(513)["num_warps"] == 16
     assert fm.align_one_program_tiles(fm.ALIGN_ONE_PROGRAM)["BLOCKS"] == 64
+    with pytest.raises(ValueError, match="one-program"):
+        fm.align_one_program_tiles(fm.ALIGN_ONE_PROGRAM + 1)
 
 
 def test_sparse_moe_swaps_in_fused_kernel():

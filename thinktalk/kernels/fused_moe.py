@@ -95,7 +95,10 @@ ALIGN_ONE_PROGRAM_TILES = {512: dict(BLOCKS=32, ROWS=1024, num_warps=4),
 
 def align_one_program_tiles(nk: int) -> dict:
     """The one-program sort's tiles for nk pairs (nk <= ALIGN_ONE_PROGRAM)."""
-    return next(tiles for most, tiles in sorted(ALIGN_ONE_PROGRAM_TILES.items()) if nk <= most)
+    for most, tiles in sorted(ALIGN_ONE_PROGRAM_TILES.items()):
+        if nk <= most:
+            return tiles
+    raise ValueError(f"{nk} pairs: the one-program expert sort takes up to {ALIGN_ONE_PROGRAM}")
 
 
 def moe_align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
