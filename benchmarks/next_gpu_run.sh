@@ -35,25 +35,30 @@ profile() {  # where a decode step's time goes at bench_thinker's context
     --engine-config "$ENGINE64" --batch 1 64 --prompt-len 512 --prefill 2>&1 | grep -E "^===|GPU total|rror" | tail -8
   echo "profile done at $(( $(date +%s) - t0 )) s"
 }
-fp8_64() {  # the thinker with fp8 experts and linears: half the bytes a 64-sequence step reads
-  [[ $(left) -gt 100 ]] || return 0
-  timeout $(( $(left) - 5 )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_fp8_64_$TAG.json" --skip-transformers \
-    --video-seconds --concurrency 64 --quantization fp8 --engine-config "$ENGINE64" 2>&1 | grep -E "rror|tok_s" | tail -4
-  echo "fp8 done at $(( $(date +%s) - t0 )) s"
+bench64() {  # bench_thinker at one and 64 streams, no transformers, no video: bench64 NAME [its flags]
+  local name=$1; shift
+  [[ $(left) -gt 80 ]] || return 0
+  timeout $(( $(left) - 5 )) python3 benchmarks/bench_thinker.py --out "$OUT/${name}_$TAG.json" --skip-transformers \
+    --video-seconds --concurrency 64 --engine-config "$ENGINE64" "$@" 2>&1 | grep -E "rror|tok_s" | tail -4
+  echo "$name done at $(( $(date +%s) - t0 )) s"
+}
+align_tiles() {  # the one-program expert sort's tiles
+  [[ $(left) -gt 60 ]] || return 0
+  timeout $(( $(left) - 5 )) python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_moe_align_$TAG.json" --align \
+    --tokens 64 128 2>&1 | grep -E "^align|rror" | cut -c1-400
 }
 if [[ "$RUN" == h200 ]]; then
-  timeout $(( 570 - ($(date +%s) - t0) )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_h200.json" \
+  timeout $(( $(left) - 5 )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_h200.json" \
     --concurrency 8 32 64 128 --engine-config '{"max_num_seqs":128,"max_prefill_tokens":4096}' --hf-decode-len 16 \
     --hf-concurrency 8 32 2>&1 | grep -v Warning | tail -30
   echo "bench_thinker done at $(( $(date +%s) - t0 )) s"
   profile
 elif [[ "$RUN" == h200b ]]; then
-  fp8_64
+  bench64 thinker_fp8_64 --quantization fp8  # half the bytes a 64-sequence step reads
   timeout 200 python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_fused_moe_wide_$TAG.json" --wide --tokens 64 \
     2>&1 | grep -E "default|rror" | cut -c1-400
   echo "tune done at $(( $(date +%s) - t0 )) s"
-  timeout 100 python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_moe_align_$TAG.json" --align --tokens 64 128 \
-    2>&1 | grep -E "^align|rror" | cut -c1-400
+  align_tiles
   TILES=$(python3 - "$OUT/tune_fused_moe_wide_$TAG.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["tokens"]["64"]
@@ -64,21 +69,13 @@ PY
   )
   echo "tiles to try: ${TILES:-none}"
   if [[ -n "$TILES" ]]; then
-    for tiles in "$TILES" ""; do
-      [[ $(left) -gt 80 ]] || break
-      timeout $(( $(left) - 5 )) python3 benchmarks/bench_thinker.py --out "$OUT/thinker_moe_tiles${tiles:+_wide}_$TAG.json" \
-        --skip-transformers --video-seconds --concurrency 64 --engine-config "$ENGINE64" \
-        ${tiles:+--moe-decode-tiles "$tiles"} 2>&1 | grep -E "rror|tok_s" | tail -4
-      echo "tiles ${tiles:-default} done at $(( $(date +%s) - t0 )) s"
-    done
+    bench64 thinker_moe_tiles_wide --moe-decode-tiles "$TILES"
+    bench64 thinker_moe_tiles
   fi
 else
-  timeout 100 python3 benchmarks/bench_thinker.py --out "$OUT/thinker_bf16_64_$TAG.json" --skip-transformers \
-    --video-seconds --concurrency 64 --engine-config "$ENGINE64" 2>&1 | grep -E "rror|tok_s" | tail -4
-  echo "bf16 done at $(( $(date +%s) - t0 )) s"
-  fp8_64
+  bench64 thinker_bf16_64
+  bench64 thinker_fp8_64 --quantization fp8
   profile
-  [[ $(left) -gt 60 ]] && timeout $(( $(left) - 5 )) python3 benchmarks/tune_fused_moe.py --out "$OUT/tune_moe_align_$TAG.json" \
-    --align --tokens 64 128 2>&1 | grep -E "^align|rror" | cut -c1-400
+  align_tiles
 fi
 echo "total $(( $(date +%s) - t0 )) s"
