@@ -153,6 +153,11 @@ def _decode_batch(requests: list[Request], starts: list[int], positions: torch.T
     return Batch(requests, starts, [1] * n, [False] * n, [True] * n, input_ids=None, positions=positions)
 
 
+# the module attributes use_triton_kernels may set on instances (each class holds its reference)
+KERNEL_ATTRS = ("experts_fn", "topk_fn", "linear_fn", "kernel", "add_kernel", "qk_kernel", "norm_linear_fn",
+                "norm_moe_fn", "act_mul_kernel")
+
+
 def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True, fuse_norm_gemv: bool = True,
                        route_in_gate_up: bool = False) -> None:
     """Swap the Triton kernels into the model's modules (each has the signature of the torch
@@ -163,7 +168,10 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
     is the fused grouped GEMM, GEMVs over the selected experts for a few tokens. fuse_norm_gemv
     (with decode_gemv): the decoder layers' input norm folded into their q/k/v GEMV (norm_gemv.py)
     and their post-attention norm into the MoE's router and gate-up GEMVs (route_in_gate_up: and
-    the router's top-k into the gate-up GEMV)."""
+    the router's top-k into the gate-up GEMV). Kernels an earlier call set are removed first, so a
+    model that serves several engines in turn runs each with its own choice (a torch engine after a
+    Triton one gets the references back; the stacked q/k/v and gate/up weights stay, as both
+    paths take them)."""
     from .kernels import gemv
     from .kernels.activation import silu_mul
     from .kernels.fused_moe import fused_moe
@@ -172,8 +180,10 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
     from .kernels.rope import qk_norm_rope
     from .kernels.router import softmax_topk
 
-    linear = gemv.linear if decode_gemv else F.linear  # set either way: a model may serve several engines
+    linear = gemv.linear if decode_gemv else F.linear
     for module in model.modules():
+        for name in KERNEL_ATTRS:  # back to the class's torch reference
+            module.__dict__.pop(name, None)
         if isinstance(module, SparseMoE):
             if moe:
                 module.experts_fn = gemv.experts if decode_gemv else fused_moe
@@ -186,7 +196,7 @@ def use_triton_kernels(model, moe: bool, layers: bool, decode_gemv: bool = True,
             module.qk_kernel = qk_norm_rope
             module.linear_fn = linear
             fuse_qkv(module)
-        elif layers and isinstance(module, DecoderLayer):  # set either way, as `linear`
+        elif layers and isinstance(module, DecoderLayer):
             fuse = decode_gemv and fuse_norm_gemv
             module.norm_linear_fn = add_norm_linear if fuse else None
             norm_moe = partial(add_norm_moe, route_in_gate_up=True) if route_in_gate_up else add_norm_moe

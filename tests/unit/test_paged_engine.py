@@ -292,17 +292,34 @@ def test_image_prompt_in_chunks(model):
 def test_triton_kernels_in_the_engine(model):
     """Paged decode kernel and fused MoE (Triton interpreter) inside the engine: same tokens."""
     from thinktalk.kernels.common import available
-    from thinktalk.layers.moe import SparseMoE
 
     if not available("cpu"):
         pytest.skip("triton is not installed")
     reqs = [_request(_prompt(n, s), n_new=4) for n, s in PROMPTS[:2]]
-    try:
-        _expect_same(model, _paged(decode_attention="triton", moe_kernel="triton"), reqs)
-    finally:
-        for m in model.modules():  # the engine swapped the experts function on these instances
-            if isinstance(m, SparseMoE):
-                m.__dict__.pop("experts_fn", None)
+    _expect_same(model, _paged(decode_attention="triton", moe_kernel="triton"), reqs)
+
+
+def test_an_engine_after_another_runs_its_own_kernels(model):
+    """Engines built one after another on one model: a torch engine after a Triton one finds none
+    of the kernels the first set on the modules (it would run them, under the interpreter here),
+    and answers as the reference; its q/k/v stay stacked."""
+    from thinktalk.engine import KERNEL_ATTRS
+    from thinktalk.kernels.common import available
+
+    if not available("cpu"):
+        pytest.skip("triton is not installed")
+    fresh = randomize_(build_model(config_from_dict(tiny_config_dict()), "cpu", torch.float32, with_talker=False), seed=3)
+
+    def overridden():
+        return {name for m in fresh.modules() for name in KERNEL_ATTRS if name in m.__dict__}
+
+    Engine(fresh, EOS, _paged(moe_kernel="triton", layer_kernels="triton"))
+    assert {"experts_fn", "linear_fn", "qk_kernel", "norm_moe_fn"} <= overridden()
+    reqs = [_request(_prompt(n, s), n_new=4) for n, s in PROMPTS[:2]]
+    outs, _ = _run(fresh, _paged(), [_clone(r) for r in reqs])
+    assert overridden() == set()
+    assert all(layer.self_attn.qkv_weight is not None for layer in fresh.thinker.model.layers)
+    assert outs == _reference(model, reqs)
 
 
 def test_hidden_states_for_the_talker_survive_preemption_and_prefix_reuse(model):
